@@ -27,7 +27,7 @@ from torch import nn
 
 from . import ops
 from .blocks import BlockLayout
-from .hvp import BACKBONES, AutoHVP, HVPBackbone, Stopwatch, make_backbone
+from .hvp import AutoHVP, HVPBackbone, Stopwatch, backbones_for, make_backbone
 from .loss import LossSpec
 from .probing import ProbePlan
 from .progress import Progress
@@ -106,6 +106,7 @@ class ProbeRunner:
         loss_spec: the normalised loss.
         seed, kind: probe seed and distribution (``"rademacher"``/``"gaussian"``).
         hvp: a backbone name or ``"auto"``.
+        curvature: ``"hessian"`` or ``"ggn"`` (the matrix ``auto`` chooses backbones for).
         probe_batch: rows per batched HVP (``None``: from ``max_memory``).
         max_memory: byte budget for batched probes (``None``: :func:`default_memory_budget`).
         progress: ``None`` (auto), ``True`` or ``False``.
@@ -121,14 +122,17 @@ class ProbeRunner:
         seed: int,
         kind: str = "rademacher",
         hvp: str = "auto",
+        curvature: str = "hessian",
         probe_batch: int | None = None,
         max_memory: int | None = None,
         progress: bool | None = None,
         desc: str = "hutchtrace",
         acc_dtype: torch.dtype = torch.float64,
     ):
-        if hvp != "auto" and hvp not in BACKBONES:
-            raise ValueError(f"hvp must be 'auto' or one of {BACKBONES}, got {hvp!r}")
+        self.candidates = backbones_for(curvature)
+        if hvp != "auto" and hvp not in self.candidates:
+            raise ValueError(f"hvp must be 'auto' or one of {self.candidates} for curvature={curvature!r}, got {hvp!r}")
+        self.curvature = curvature
         if probe_batch is not None and (not isinstance(probe_batch, int) or probe_batch < 1):
             raise ValueError(f"probe_batch must be a positive int or None, got {probe_batch!r}")
         self.model = model
@@ -278,8 +282,8 @@ class ProbeRunner:
         costs; the faster of the two is recorded). Those products are kept, not wasted.
         Returns the row chunks still to do (sequential and batched forms) and the HVP count.
         """
-        key = _model_key(self.model, self.layout) + (batch.signature, self.kind, self.max_rows)
-        auto = AutoHVP(key)
+        key = _model_key(self.model, self.layout) + (batch.signature, self.kind, self.max_rows, self.curvature)
+        auto = AutoHVP(key, self.candidates)
         names, tensors = self.layout.names, self.layout.tensors
         rows_left = [(k, g) for ks, gs in chunks for k, g in zip(ks, gs)]
         hvps = 0

@@ -52,7 +52,8 @@ class SampleSink(Sink):
     dataset mode samples are sums over batches and enter the state at :meth:`finish`.
     """
 
-    def __init__(self, K: int, layout: BlockLayout, plan: ProbePlan, single_batch: bool, first_k: int = 0):
+    def __init__(self, K: int, layout: BlockLayout, plan: ProbePlan, single_batch: bool, first_k: int = 0,
+                 reducer=None):
         dev = layout.device()
         L = layout.num_blocks
         self.L = L
@@ -69,6 +70,8 @@ class SampleSink(Sink):
         self.state = WelfordState.zeros(L + 1, device=dev)
         self.energy_valid = True
         self.batches = 0
+        # reducer(sink, total_count) -> global total_count: combines ranks (data parallel)
+        self.reducer = reducer
 
     def on_rows(self, rb: RowBatch) -> None:
         # rows of the same group with consecutive k are adjacent (group-major chunks)
@@ -100,9 +103,11 @@ class SampleSink(Sink):
     def finish(self, total_count: float) -> None:
         if self.single_batch:  # closure / single batch: weight = count = 1, state complete
             return
-        self.samples /= total_count
         # ||sum_m w_m||^2 is not the sum of per-batch norms: valid only for one batch.
         self.energy_valid = self.batches == 1
+        if self.reducer is not None:
+            total_count = self.reducer(self, total_count)
+        self.samples /= total_count
         self.energy /= total_count**2
         self.state.update(torch.cat([self.samples, self.samples.sum(1, keepdim=True)], 1))
 
@@ -176,9 +181,11 @@ def block_traces(
     hvp: str = "auto",
     probing="global",
     level: float = 0.95,
+    curvature: str = "hessian",
     probe_batch: int | None = None,
     max_memory: int | None = None,
     progress: bool | None = None,
+    process_group=None,
 ) -> BlockTraces:
     """Estimate the trace of every diagonal block of the loss Hessian.
 
@@ -201,9 +208,15 @@ def block_traces(
         probing: ``"global"`` (one HVP per probe for all blocks) or ``"isolated"``
             (one HVP per block per probe, no cross-block variance), or a ``ProbePlan``.
         level: confidence level of the intervals.
+        curvature: ``"hessian"`` (default) or ``"ggn"`` (the generalised Gauss-Newton
+            matrix ``G = J^T Lambda J``; needs a criterion form of ``loss``).
         probe_batch: probes per batched HVP (default: from ``max_memory``).
         max_memory: byte budget for batched probes.
         progress: show a progress display (``None``: only for runs longer than a few seconds).
+        process_group: a ``torch.distributed`` group for data-parallel estimation (each rank
+            passes its shard of the data; identical probes are drawn on every rank and only
+            the per-block sums are reduced). ``None`` auto-detects an initialised default
+            group with more than one rank; ``False`` disables.
 
     Returns:
         :class:`~hutchtrace.result.BlockTraces`.
@@ -240,12 +253,19 @@ def block_traces(
     layout = resolve_blocks(inner, blocks)
     spec = make_loss_spec(loss, data)
     plan = _make_plan(probing, layout.num_blocks)
+    from . import distributed
+
+    group = distributed.resolve_group(process_group)
+    reducer = distributed.sample_sink_reducer(group) if group is not None else None
+    if group is not None:
+        seed = distributed.broadcast_seed(seed, group)
     with PreservedState(inner):
         runner = ProbeRunner(
-            inner, layout, spec, seed=seed, kind=probe, hvp=hvp,
+            inner, layout, spec, seed=seed, kind=probe, hvp=hvp, curvature=curvature,
             probe_batch=probe_batch, max_memory=max_memory, progress=progress, desc="block_traces",
         )
-        sink = SampleSink(K, layout, plan, single_batch=spec.kind != "dataset")
+        sink = SampleSink(K, layout, plan, single_batch=spec.kind != "dataset" and group is None,
+                          reducer=reducer)
         info = runner.run(plan, range(K), [sink])
     blocks_est, total = _estimates(layout, sink, level)
     bad = [b.name for b in blocks_est if not b.finite]
@@ -262,6 +282,7 @@ def block_traces(
         "seed": seed,
         "probe": probe,
         "probing": plan.name,
+        "curvature": curvature,
         "groups": plan.num_groups,
         "hvp": info.backbone,
         "hvp_requested": hvp,

@@ -39,7 +39,16 @@ from .errors import HVPUnsupportedError, LossError, is_second_order_failure, uns
 from .loss import BatchClosure, check_loss_value
 from .state import ForwardRNG
 
-__all__ = ["BACKBONES", "HVPBackbone", "ReverseHVP", "ForwardHVP", "make_backbone", "AutoHVP"]
+__all__ = [
+    "BACKBONES",
+    "HVPBackbone",
+    "ReverseHVP",
+    "ForwardHVP",
+    "make_backbone",
+    "register_backbone",
+    "backbones_for",
+    "AutoHVP",
+]
 
 BACKBONES = ("reverse", "reverse-batched", "forward", "forward-vmap")
 
@@ -245,17 +254,41 @@ class ForwardHVP(HVPBackbone):
         self._vmapped = None
 
 
+_REGISTRY: dict[str, tuple[str, object]] = {}
+
+
+def register_backbone(name: str, factory, curvature: str = "hessian") -> None:
+    """Register ``factory(model, names, tensors, rng) -> HVPBackbone`` under ``name``.
+
+    ``curvature`` names the matrix the backbone multiplies by (``"hessian"``, ``"ggn"``);
+    ``hvp="auto"`` chooses among the backbones of the requested curvature.
+    """
+    _REGISTRY[name] = (curvature, factory)
+
+
+def backbones_for(curvature: str) -> tuple[str, ...]:
+    """Registered backbone names of one curvature, in registration order."""
+    if curvature == "ggn":
+        from . import ggn  # noqa: F401  (registers the GGN backbones)
+    names = tuple(n for n, (c, _) in _REGISTRY.items() if c == curvature)
+    if not names:
+        raise ValueError(f"unknown curvature {curvature!r}; use 'hessian' or 'ggn'")
+    return names
+
+
+register_backbone("reverse", lambda *a: ReverseHVP(*a))
+register_backbone("reverse-batched", lambda *a: ReverseHVP(*a, batched=True))
+register_backbone("forward", lambda *a: ForwardHVP(*a))
+register_backbone("forward-vmap", lambda *a: ForwardHVP(*a, batched=True))
+
+
 def make_backbone(name: str, model, names, tensors, rng) -> HVPBackbone:
-    """Construct the backbone called ``name`` (one of :data:`BACKBONES`)."""
-    if name == "reverse":
-        return ReverseHVP(model, names, tensors, rng)
-    if name == "reverse-batched":
-        return ReverseHVP(model, names, tensors, rng, batched=True)
-    if name == "forward":
-        return ForwardHVP(model, names, tensors, rng)
-    if name == "forward-vmap":
-        return ForwardHVP(model, names, tensors, rng, batched=True)
-    raise ValueError(f"unknown hvp backbone {name!r}; choose one of {('auto',) + BACKBONES}")
+    """Construct the registered backbone called ``name`` (see :func:`backbones_for`)."""
+    if name not in _REGISTRY and name.startswith("ggn"):
+        from . import ggn  # noqa: F401
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown hvp backbone {name!r}; choose 'auto' or one of {tuple(_REGISTRY)}")
+    return _REGISTRY[name][1](model, names, tensors, rng)
 
 
 # Timings per (model structure, input signature): backbone -> (prepare s, per-row s, chunk rows)

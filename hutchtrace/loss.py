@@ -86,6 +86,11 @@ class BatchClosure:
     weight: float
     count: float
     signature: tuple
+    # criterion forms only (None for closures): what a GGN product needs, i.e. the split
+    # loss = criterion(model(inputs), targets)
+    criterion: Callable | None = None
+    inputs: Any = None
+    targets: Any = None
 
 
 def _signature(obj: Any) -> tuple:
@@ -217,6 +222,9 @@ def make_loss_spec(loss: Callable, data: Any = None) -> LossSpec:
                 weight=1.0,
                 count=1.0,
                 signature=_signature(inputs),
+                criterion=loss,
+                inputs=inputs,
+                targets=targets,
             )
 
         return LossSpec("criterion", single, reiterable=True)
@@ -243,6 +251,9 @@ def make_loss_spec(loss: Callable, data: Any = None) -> LossSpec:
                 weight=1.0 if sum_reduced else float(n_m),
                 count=float(n_m),
                 signature=_signature(inputs),
+                criterion=loss,
+                inputs=inputs,
+                targets=targets,
             )
         if empty:
             raise DataFormatError("data is an empty iterable: it yielded no batch")
