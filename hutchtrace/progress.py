@@ -35,7 +35,8 @@ class Progress:
         try:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, initial=self.n, leave=False)
+            self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, initial=self.n, leave=False,
+                              mininterval=0.1 if sys.stderr.isatty() else 5.0)
         except ImportError:
             self._bar = _PLAIN
 

@@ -26,8 +26,11 @@ class BlockEstimate:
         name: block name; params: canonical tensor names; aliases: other (tied) names;
         numel: block size n_b; mean: estimate of tr H_bb; se: its standard error;
         ci: (low, high) confidence interval at ``BlockTraces.level``;
-        variance: per-probe variance estimate used for ``se`` (``se = sqrt(variance/K)``);
+        variance: per-probe variance estimate used for ``se`` (``se = sqrt(variance/K)``):
+        the pairwise one when available and positive, else the sample variance;
         sample_variance: the ordinary sample variance s_b^2 of the K samples;
+        pairwise_variance: the pairwise U-statistic estimate (unbiased; may be negative),
+        or None when not computed;
         row_energy: mean of ||(Hz)_b||^2, an estimate of ||H_{b,:}||_F^2 (NOT the
         variance; SPEC section 10), or None when not available;
         finite: False when some probe gave a NaN/Inf sample (mean is then NaN).
@@ -42,6 +45,7 @@ class BlockEstimate:
     ci: tuple[float, float]
     variance: float
     sample_variance: float
+    pairwise_variance: float | None = None
     row_energy: float | None = None
     finite: bool = True
 
@@ -175,6 +179,7 @@ class BlockTraces:
                     "ci_high": b.ci[1],
                     "variance": b.variance,
                     "sample_variance": b.sample_variance,
+                    "pairwise_variance": b.pairwise_variance,
                     "row_energy": b.row_energy,
                     "finite": b.finite,
                     "params": ",".join(b.params),

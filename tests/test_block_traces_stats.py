@@ -63,7 +63,7 @@ def test_ci_coverage_over_200_seeds(mlp_exact):
 
 def test_total_standard_error_uses_per_probe_totals(mlp_exact):
     model, crit, data, _ = mlp_exact
-    res = hutchtrace.block_traces(model, crit, K=50, data=data, seed=3, hvp="reverse-batched")
+    res = hutchtrace.block_traces(model, crit, K=50, data=data, seed=3, hvp="reverse-batched", variance="sample")
     tot = res.samples.sum(1)
     assert abs(res.total.se - float(tot.std() / np.sqrt(50))) < 1e-10
     independent = float(torch.sqrt((res.ses**2).sum()))
@@ -73,7 +73,7 @@ def test_total_standard_error_uses_per_probe_totals(mlp_exact):
 
 def test_standard_error_matches_sample_statistics(mlp_exact):
     model, crit, data, _ = mlp_exact
-    res = hutchtrace.block_traces(model, crit, K=12, data=data, seed=4, hvp="reverse")
+    res = hutchtrace.block_traces(model, crit, K=12, data=data, seed=4, hvp="reverse", variance="sample")
     s = res.samples
     assert torch.allclose(res.means, s.mean(0), rtol=1e-12)
     assert torch.allclose(res.ses, s.std(0) / np.sqrt(12), rtol=1e-10)
