@@ -23,6 +23,12 @@ one, and keeps the cheapest partition. G = 1 is ``global`` and G = L ``isolated`
 G (``probing="colored", groups=G``) takes the smallest ``lam`` whose first fit needs at most
 G groups (bisection).
 
+Couplings measured from a few probes are noisy, so the pilot's ``F`` enters as an upper
+confidence bound (mean + 2 SE), and with adaptive stopping ``auto`` validates its choice:
+after the first round it compares the plan's *measured* cost ``G max_b w_b V_b`` with the
+isolated plan's measured cost ``L max_b w_b V0_b`` (both from pairwise variances and the
+pooled traces) and keeps the cheaper.
+
 The ingredients come from a short *pilot* with block-supported probes (the isolated plan):
 row ``(k, c)`` gives ``w = H z_c``, so ``||w_b||^2`` is an unbiased sample of ``F_bc`` for
 every b (SPEC section 6a), the block-alone samples give ``tr H_bb`` and ``V0_b``.
@@ -35,13 +41,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import BlockLayout
-from .engine import ProbeRunner, RowBatch, Sink
+from .engine import RowBatch, Sink
 from .probing import ProbePlan, global_plan, isolated_plan
 
 __all__ = [
     "PilotStats",
-    "run_pilot",
+    "CouplingSink",
     "color_blocks",
     "candidate_partitions",
     "predicted_cost",
@@ -64,58 +69,67 @@ class PilotStats:
     rows: int = 0
 
 
-class _PilotSink(Sink):
-    def __init__(self, L: int, K: int):
+class CouplingSink(Sink):
+    """Collects ``F_bc`` samples from block-supported rows: row group c is the single block c,
+    so ``w = H z_c`` and ``||w_b||^2`` is an unbiased sample of ``||H_bc||_F^2`` for every b.
+
+    In dataset mode the per-batch products' norms overestimate ``F_bc`` by the between-batch
+    spread, which only makes the coloring more cautious.
+    """
+
+    def __init__(self, L: int):
+        self.L = L
+        self._F = None
+        self._F2 = None
         self.F = torch.zeros(L, L, dtype=torch.float64)
-        self.t = torch.zeros(K, L, dtype=torch.float64)
-        self.K = K
-        self._F_dev = None
+        self.F2 = torch.zeros(L, L, dtype=torch.float64)
 
     def on_rows(self, rb: RowBatch) -> None:
-        sq = rb.sq.detach()
-        dots = rb.dots.detach()
-        if self._F_dev is None:
-            self._F_dev = torch.zeros(self.F.shape, dtype=torch.float64, device=sq.device)
-            self._t_dev = torch.zeros(self.t.shape, dtype=torch.float64, device=sq.device)
-        for r, (k, c) in enumerate(zip(rb.ks, rb.gs)):
-            # row group c is the single block c: w_b = H_bc z_c for every b
-            self._F_dev[:, c] += sq[r] * rb.weight**2
-            self._t_dev[k, c] += dots[r, c] * rb.weight
+        if self._F is None:
+            self._F = torch.zeros(self.L, self.L, dtype=torch.float64, device=rb.sq.device)
+            self._F2 = torch.zeros_like(self._F)
+        for r, c in enumerate(rb.gs):
+            x = rb.sq[r].detach() * rb.weight**2
+            self._F[:, c] += x
+            self._F2[:, c] += x * x
 
     def finish(self, total_count: float) -> None:
-        self.F = (self._F_dev / (self.K * total_count**2)).cpu()
-        self.t = (self._t_dev / total_count).cpu()
+        if self._F is not None:
+            self.F = self._F.cpu() / total_count**2
+            self.F2 = self._F2.cpu() / total_count**4
+
+    def estimate(self, probes: int, z: float = 0.0) -> torch.Tensor:
+        """Symmetrised mean ``F_hat`` over ``probes`` block-supported probes, plus ``z``
+        standard errors (an upper confidence bound when ``z > 0``: a coupling measured from
+        a few probes is not trusted to be small)."""
+        n = max(1, probes)
+        mean = self.F / n
+        if z and n > 1:
+            var = (self.F2 / n - mean**2).clamp_min(0) * n / (n - 1)
+            mean = mean + z * torch.sqrt(var / n)
+        return 0.5 * (mean + mean.T)
 
 
-def run_pilot(runner: ProbeRunner, layout: BlockLayout, K: int, first_probe: int) -> PilotStats:
-    """Block-supported pilot of ``K`` probes (``K * L`` HVP rows), probe indices from ``first_probe``.
+def _weights(trace: torch.Tensor, rtol: float | None, atol: float | None, se: torch.Tensor | None = None) -> torch.Tensor:
+    """``w_b = 1/eps_b^2`` with ``eps_b = max(rtol (|tr_b| + se_b), atol_eff)``.
 
-    Needs single-batch data (or accepts the dataset-mean caveat: ``||w_b||^2`` of per-batch
-    products then overestimates ``F_bc`` by the between-batch spread, which only makes the
-    coloring more cautious).
+    Adding the trace's standard error keeps a block whose trace is not yet resolved from
+    dominating a decision through a noisy, tiny ``|tr_b|``.
     """
-    L = layout.num_blocks
-    sink = _PilotSink(L, K)
-    info = runner.run(isolated_plan(L), range(first_probe, first_probe + K), [sink])
-    F = 0.5 * (sink.F + sink.F.T)
-    trace = sink.t.mean(0)
-    # 1x1 blocks: Rademacher samples are exact (variance 0); var(ddof=1) handles K >= 2
-    v0 = sink.t.var(0) if K >= 2 else torch.full((L,), math.nan, dtype=torch.float64)
-    per_row = info.seconds / max(1, info.rows * info.n_batches)
-    return PilotStats(F=F, v0=v0, trace=trace, probes=K, seconds_per_row=per_row, hvps=info.hvps,
-                      rows=info.rows * info.n_batches)
-
-
-def _weights(trace: torch.Tensor, rtol: float | None, atol: float | None) -> torch.Tensor:
-    """``w_b = 1/eps_b^2`` with ``eps_b = max(rtol |tr_b|, atol_eff)``."""
-    big = float(trace.abs().max()) if trace.numel() else 0.0
+    mag = trace.abs() if se is None else trace.abs() + torch.nan_to_num(se, nan=0.0)
+    big = float(mag.max()) if trace.numel() else 0.0
     r = rtol if rtol is not None else 0.0
     a = atol if atol is not None else (0.01 * r * big if r > 0 else 0.0)
-    eps = torch.maximum(r * trace.abs(), torch.full_like(trace, a))
+    eps = torch.maximum(r * mag, torch.full_like(trace, a))
     if float(eps.max()) <= 0:
         # no target: equal relative precision on every non-negligible block
-        eps = torch.maximum(trace.abs(), torch.full_like(trace, 0.01 * max(big, 1e-300)))
+        eps = torch.maximum(mag, torch.full_like(trace, 0.01 * max(big, 1e-300)))
     return 1.0 / eps.clamp_min(1e-300) ** 2
+
+
+def pilot_se(pilot: PilotStats) -> torch.Tensor:
+    """Standard errors of the pilot's block traces (block-alone samples)."""
+    return torch.sqrt(torch.nan_to_num(pilot.v0, nan=0.0).clamp_min(0) / max(1, pilot.probes))
 
 
 def predicted_variance(F: torch.Tensor, v0: torch.Tensor, groups) -> torch.Tensor:
@@ -233,7 +247,7 @@ def choose_plan(pilot: PilotStats, rtol: float | None = None, atol: float | None
                 max_groups: int | None = None) -> AutoChoice:
     """The partition with the least predicted time ``G * max_b w_b V_b`` (global ... isolated)."""
     L = pilot.F.shape[0]
-    w = _weights(pilot.trace, rtol, atol)
+    w = _weights(pilot.trace, rtol, atol, pilot_se(pilot))
     v0 = torch.nan_to_num(pilot.v0, nan=0.0)
     costs = {}
     best = None

@@ -188,6 +188,25 @@ def is_main_process(group=None) -> bool:
 
 
 # ---------------------------------------------------------------------- data parallel
+def world_size(group) -> int:
+    """Ranks in ``group`` (1 without a group)."""
+    if group is None:
+        return 1
+    return _dist().get_world_size(group)
+
+
+def broadcast_plan(plan, group):
+    """Rank 0's :class:`~hutchtrace.probing.ProbePlan` on every rank (plans chosen from
+    rank-local pilot couplings may differ)."""
+    from .probing import ProbePlan
+
+    dist = _dist()
+    box = [(plan.name, [list(g) for g in plan.groups])]
+    dist.broadcast_object_list(box, src=_src_rank(group), group=group)
+    name, groups = box[0]
+    return ProbePlan(name, tuple(tuple(g) for g in groups))
+
+
 def sample_sink_reducer(group):
     """A ``reducer(sink, total_count) -> global_count`` summing weighted samples over ranks.
 

@@ -32,17 +32,17 @@ import warnings
 import torch
 from torch import nn
 
-from .blocks import BlockLayout, resolve_blocks, unwrap_model
-from .engine import ProbeRunner, RowBatch, Sink, check_probe_count
+from .accumulate import SampleSink, Segment, build_estimates, combine, target_met
+from .blocks import resolve_blocks, unwrap_model
+from .engine import ProbeRunner, check_probe_count
 from .errors import NonFiniteWarning
 from .loss import make_loss_spec
 from .probing import ProbePlan, global_plan, isolated_plan
-from .variance import PairwiseSink
-from .result import BlockEstimate, BlockTraces
+from .result import BlockTraces
 from .state import PreservedState
-from .stats import WelfordState, mean_se_ci
+from .variance import PairwiseSink
 
-__all__ = ["block_traces", "draw_seed", "SampleSink"]
+__all__ = ["block_traces", "draw_seed", "SampleSink", "PROBE_KINDS"]
 
 PROBE_KINDS = ("rademacher", "gaussian")
 
@@ -51,74 +51,6 @@ def draw_seed() -> int:
     """A fresh 63-bit seed from OS entropy, via a private ``torch.Generator`` (never the global RNG)."""
     g = torch.Generator()
     return int(g.seed()) & ((1 << 63) - 1)
-
-
-class SampleSink(Sink):
-    """Accumulates per-probe block samples ``t_b^(k)`` and row energies ``||(Hz)_b||^2``.
-
-    In single-batch mode every probe is complete once all its groups have been seen and
-    goes straight into the on-device Welford state (columns: L blocks + the total). In
-    dataset mode samples are sums over batches and enter the state at :meth:`finish`.
-    """
-
-    def __init__(self, K: int, layout: BlockLayout, plan: ProbePlan, single_batch: bool, first_k: int = 0,
-                 reducer=None):
-        dev = layout.device()
-        L = layout.num_blocks
-        self.L = L
-        self.first_k = first_k
-        self.samples = torch.zeros((K, L), dtype=torch.float64, device=dev)
-        self.energy = torch.zeros((K, L), dtype=torch.float64, device=dev)
-        masks = torch.zeros((plan.num_groups, L), dtype=torch.float64)
-        for g, members in enumerate(plan.groups):
-            masks[g, list(members)] = 1.0
-        self.masks = masks.to(dev)
-        self.G = plan.num_groups
-        self.single_batch = single_batch
-        self.seen = [0] * K
-        self.state = WelfordState.zeros(L + 1, device=dev)
-        self.energy_valid = True
-        self.batches = 0
-        # reducer(sink, total_count) -> global total_count: combines ranks (data parallel)
-        self.reducer = reducer
-
-    def on_rows(self, rb: RowBatch) -> None:
-        # rows of the same group with consecutive k are adjacent (group-major chunks)
-        r = 0
-        R = len(rb.ks)
-        while r < R:
-            e = r
-            while e + 1 < R and rb.gs[e + 1] == rb.gs[r] and rb.ks[e + 1] == rb.ks[e] + 1:
-                e += 1
-            k0 = rb.ks[r] - self.first_k
-            n = e - r + 1
-            sl = slice(k0, k0 + n)
-            self.samples[sl].add_(rb.dots[r : e + 1] * self.masks[rb.gs[r]], alpha=rb.weight)
-            self.energy[sl].add_(rb.sq[r : e + 1], alpha=rb.weight**2)
-            if self.single_batch:
-                for k in range(k0, k0 + n):
-                    self.seen[k] += 1
-                    if self.seen[k] == self.G:
-                        self._complete(k)
-            r = e + 1
-
-    def _complete(self, k: int) -> None:
-        row = self.samples[k]
-        self.state.update(torch.cat([row, row.sum().reshape(1)]))
-
-    def on_batch_end(self, batch_index: int, weight: float) -> None:
-        self.batches += 1
-
-    def finish(self, total_count: float) -> None:
-        if self.single_batch:  # closure / single batch: weight = count = 1, state complete
-            return
-        # ||sum_m w_m||^2 is not the sum of per-batch norms: valid only for one batch.
-        self.energy_valid = self.batches == 1
-        if self.reducer is not None:
-            total_count = self.reducer(self, total_count)
-        self.samples /= total_count
-        self.energy /= total_count**2
-        self.state.update(torch.cat([self.samples, self.samples.sum(1, keepdim=True)], 1))
 
 
 PROBINGS = ("global", "isolated", "colored", "auto")
@@ -131,126 +63,38 @@ def _check_probe_kind(probe: str) -> str:
     return probe
 
 
-class _Accumulator:
-    """Merges the per-round sample sinks: samples, Welford states (Chan merge), energies."""
-
-    def __init__(self, L: int, device):
-        self.samples: list[torch.Tensor] = []
-        self.energy: list[torch.Tensor] = []
-        self.energy_valid = True
-        self.state = WelfordState.zeros(L + 1, device=device)
-
-    def add(self, sink: SampleSink) -> None:
-        self.samples.append(sink.samples)
-        self.energy.append(sink.energy)
-        self.energy_valid &= sink.energy_valid
-        self.state.merge(sink.state)
-
-    @property
-    def K(self) -> int:
-        return sum(s.shape[0] for s in self.samples)
-
-    def all_samples(self) -> torch.Tensor:
-        return torch.cat(self.samples, 0)
-
-
-def _variances(acc: _Accumulator, pair: PairwiseSink | None):
-    """Per-column variance used for error bars, the sample variance and the pairwise one."""
-    sample_var = acc.state.variance().cpu()
-    if pair is not None and pair.available:
-        pw_blocks = pair.block_variance().cpu()
-        pw = torch.cat([pw_blocks, torch.tensor([pair.total_variance()], dtype=torch.float64)])
-        use = torch.where(pw > 0, pw, sample_var)
-        return use, sample_var, pw
-    return sample_var, sample_var, None
-
-
-def _target_met(mean, var, K, rtol, atol, stop_on) -> tuple[bool, float]:
-    """Whether every block (or the total) has SE <= max(rtol |mean|, atol); and the K needed."""
-    se = torch.sqrt(var.clamp_min(0) / K)
-    blocks_mean = mean[:-1]
-    big = float(blocks_mean.abs().max()) if blocks_mean.numel() else 0.0
-    r = rtol or 0.0
-    a = atol if atol is not None else 0.01 * r * big
-    eps = torch.maximum(r * mean.abs(), torch.full_like(mean, a))
-    cols = slice(-1, None) if stop_on == "total" else slice(0, -1)
-    ok = bool((se[cols] <= eps[cols]).all()) and bool(torch.isfinite(se[cols]).all())
-    need = float((var[cols].clamp_min(0) / eps[cols].clamp_min(1e-300) ** 2).max())
-    return ok, need
-
-
-def _estimates(layout: BlockLayout, acc: _Accumulator, pair, level: float, energy_override=None):
-    samples = acc.all_samples()
-    K = samples.shape[0]
-    mean = acc.state.mean.cpu()
-    use, sample_var, pw = _variances(acc, pair)
-    se, lo, hi = mean_se_ci(mean, use, K, level)
-    if energy_override is not None:
-        energy = energy_override.cpu()
-    else:
-        energy = torch.cat(acc.energy, 0).mean(0).cpu() if acc.energy_valid else None
-    finite = torch.isfinite(samples).all(0).cpu()
-
-    def est(name, params, aliases, numel, col, ok, row_energy=None):
-        return BlockEstimate(
-            name=name,
-            params=params,
-            aliases=aliases,
-            numel=numel,
-            mean=float(mean[col]) if ok else math.nan,
-            se=float(se[col]) if ok else math.nan,
-            ci=(float(lo[col]), float(hi[col])) if ok else (math.nan, math.nan),
-            variance=float(use[col]) if ok else math.nan,
-            sample_variance=float(sample_var[col]) if ok else math.nan,
-            pairwise_variance=(float(pw[col]) if (pw is not None and ok) else None),
-            row_energy=row_energy if ok else None,
-            finite=ok,
-        )
-
-    blocks = [
-        est(blk.name, blk.params, blk.aliases, blk.numel, b, bool(finite[b]),
-            float(energy[b]) if energy is not None else None)
-        for b, blk in enumerate(layout.blocks)
-    ]
-    total = est("total", tuple(p for blk in layout.blocks for p in blk.params), (), layout.numel, -1,
-                bool(finite.all()))
-    return blocks, total, samples
-
-
-def _resolve_plan(probing, groups, layout, runner, pilot_K, rtol, atol, next_probe):
-    """``(plan, pilot, predicted costs, next probe index)``; colored/auto run a pilot first."""
-    L = layout.num_blocks
+def _fixed_plan(probing, L: int) -> ProbePlan | None:
+    """The plan for explicit schemes; None for ``colored`` / ``auto`` (they need a pilot)."""
     if isinstance(probing, ProbePlan):
         probing.group_of_block(L)  # validates
-        return probing, None, None, next_probe
+        return probing
     if probing not in PROBINGS:
         raise ValueError(f"unknown probing scheme {probing!r}; use one of {PROBINGS} or a ProbePlan")
-    if probing == "global":
-        return global_plan(L), None, None, next_probe
+    if probing == "global" or L == 1:
+        return global_plan(L)
     if probing == "isolated":
-        return isolated_plan(L), None, None, next_probe
-    from .coloring import _weights, candidate_partitions, choose_plan, color_blocks, predicted_cost, run_pilot
+        return isolated_plan(L)
+    return None
 
-    if L == 1:
-        return global_plan(L), None, None, next_probe
-    pilot = run_pilot(runner, layout, pilot_K, first_probe=next_probe)
-    next_probe += pilot_K
+
+def _choose(probing, groups, pilot, rtol, atol, L) -> tuple[ProbePlan, dict]:
+    """Colored / auto plan from pilot statistics (see :mod:`hutchtrace.coloring`)."""
+    from .coloring import _weights, candidate_partitions, choose_plan, color_blocks, pilot_se, predicted_cost
+
     if probing == "auto":
         choice = choose_plan(pilot, rtol, atol)
-        return choice.plan, pilot, choice.costs, next_probe
-    # colored: a fixed number of groups, or the best G strictly between global and isolated
-    w = _weights(pilot.trace, rtol, atol)
+        return choice.plan, choice.costs
+    w = _weights(pilot.trace, rtol, atol, pilot_se(pilot))
     v0 = torch.nan_to_num(pilot.v0, nan=0.0)
     if groups is not None:
-        if not isinstance(groups, int) or not 1 <= groups <= L:
+        if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= L:
             raise ValueError(f"groups must be an int in [1, {L}], got {groups!r}")
         parts = color_blocks(pilot.F, v0, w, groups)
     else:
         cands = [p for p in candidate_partitions(pilot.F, v0, w) if 1 < len(p) < L]
         cands = cands or [color_blocks(pilot.F, v0, w, min(2, L))]
         parts = min(cands, key=lambda p: predicted_cost(pilot.F, v0, p, w))
-    costs = {len(parts): predicted_cost(pilot.F, v0, parts, w)}
-    return ProbePlan("colored", tuple(tuple(g) for g in parts)), pilot, costs, next_probe
+    return ProbePlan("colored", tuple(tuple(g) for g in parts)), {len(parts): predicted_cost(pilot.F, v0, parts, w)}
 
 
 def block_traces(
@@ -272,7 +116,7 @@ def block_traces(
     stop_on: str = "blocks",
     level: float = 0.95,
     curvature: str = "hessian",
-    pilot_K: int = 4,
+    pilot_K: int = 8,
     probe_batch: int | None = None,
     max_memory: int | None = None,
     progress: bool | None = None,
@@ -301,7 +145,9 @@ def block_traces(
             ``"isolated"`` (one HVP per block per probe; no cross-block variance),
             ``"colored"`` (G groups of weakly coupled blocks), ``"auto"`` (a pilot of
             ``pilot_K`` block-supported probes picks the scheme with the least predicted time
-            to the target; :mod:`hutchtrace.coloring`), or a ``ProbePlan``.
+            to the target, :mod:`hutchtrace.coloring`; with adaptive stopping the choice is
+            revisited once with the pooled trace estimates), or a ``ProbePlan``. Pilot samples
+            are unbiased and are kept: the estimate pools every segment (:mod:`hutchtrace.accumulate`).
         groups: number of groups for ``probing="colored"`` (default: the best by the pilot).
         variance: ``"auto"`` / ``"pairwise"`` (the unbiased pairwise U-statistic, lower spread
             than the sample variance; needs the products of a round of probes in memory) or
@@ -351,13 +197,13 @@ def block_traces(
         raise ValueError(f"stop_on must be 'blocks' or 'total', got {stop_on!r}")
     adaptive = rtol is not None or atol is not None
     for nm, v in (("rtol", rtol), ("atol", atol)):
-        if v is not None and (not isinstance(v, (int, float)) or not v > 0):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
             raise ValueError(f"{nm} must be a positive number or None, got {v!r}")
     if max_K is None:
         max_K = 10_000 if adaptive else K
     elif isinstance(max_K, bool) or not isinstance(max_K, int) or max_K < K:
         raise ValueError(f"max_K must be an int >= K ({K}), got {max_K!r}")
-    if not isinstance(pilot_K, int) or pilot_K < 2:
+    if isinstance(pilot_K, bool) or not isinstance(pilot_K, int) or pilot_K < 2:
         raise ValueError(f"pilot_K must be an int >= 2, got {pilot_K!r}")
     if seed is None:
         seed = draw_seed()
@@ -367,53 +213,103 @@ def block_traces(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inner = unwrap_model(model)
     layout = resolve_blocks(inner, blocks)
-    spec = make_loss_spec(loss, data)
-    if adaptive and not spec.reiterable:
-        raise ValueError("adaptive stopping (rtol/atol) needs re-iterable data (a list or a DataLoader), "
-                         "not a one-shot iterator")
     from . import distributed
 
     group = distributed.resolve_group(process_group)
+    if group is not None and data is not None and isinstance(data, tuple) and len(data) == 2 \
+            and not isinstance(data[1], (tuple, list)):
+        # one (inputs, targets) shard per rank: weight it by its sample count like a dataset batch
+        data = [data]
+    spec = make_loss_spec(loss, data, allow_empty=group is not None)
+    if adaptive and not spec.reiterable:
+        raise ValueError("adaptive stopping (rtol/atol) needs re-iterable data (a list or a DataLoader), "
+                         "not a one-shot iterator")
+    L = layout.num_blocks
+    plan = _fixed_plan(probing, L)
     reducer = distributed.sample_sink_reducer(group) if group is not None else None
+    if group is not None and progress is None and not distributed.is_main_process(group):
+        progress = False  # one progress display per job, on rank 0
     if group is not None:
         seed = distributed.broadcast_seed(seed, group)
     single = spec.kind != "dataset" and group is None
+    device = layout.device()
     with PreservedState(inner):
         runner = ProbeRunner(
             inner, layout, spec, seed=seed, kind=probe, hvp=hvp, curvature=curvature,
             probe_batch=probe_batch, max_memory=max_memory, progress=progress, desc="block_traces",
         )
-        plan, pilot, costs, first_probe = _resolve_plan(probing, groups, layout, runner, pilot_K, rtol, atol, 0)
-        pilot_hvps = pilot.hvps if pilot is not None else 0
-        pair = _pairwise_sink(variance, layout, plan, runner, probe, K, max_memory, single, group, first_probe,
-                              adaptive)
-        acc = _Accumulator(layout.num_blocks, layout.device())
-        next_k = first_probe
+        run_state = {"hvps": 0, "rows": 0, "info": None}
+
+        def new_segment(p: ProbePlan, first: int, expected_K: int) -> Segment:
+            pair = _pairwise_sink(variance, layout, p, runner, probe, expected_K, max_memory, single, group, first,
+                                  adaptive)
+            return Segment(p, L, device, pair, first)
+
+        def run_round(seg: Segment, n: int, extra=()) -> None:
+            sink = SampleSink(n, layout, seg.plan, single_batch=single, first_k=seg.next_probe, reducer=reducer)
+            sinks = [sink] + ([seg.pair] if seg.pair is not None else []) + list(extra)
+            info = runner.run(seg.plan, range(seg.next_probe, seg.next_probe + n), sinks)
+            run_state["hvps"] += info.hvps
+            run_state["rows"] += info.rows * info.n_batches
+            run_state["info"] = info
+            seg.add(sink)
+
+        segments: list[Segment] = []
+        pilot = None
+        costs = None
+        if plan is None:  # colored / auto: a block-supported pilot segment first
+            from .coloring import CouplingSink, PilotStats
+
+            pseg = new_segment(isolated_plan(L), 0, pilot_K)
+            fs = CouplingSink(L)
+            run_round(pseg, pilot_K, [fs])
+            segments.append(pseg)
+            used, _, _ = pseg.variances()
+            info = run_state["info"]
+            pilot = PilotStats(F=fs.estimate(pilot_K, z=2.0), v0=used[:-1].clone(),
+                               trace=pseg.state.mean.cpu()[:-1].clone(),
+                               probes=pilot_K, seconds_per_row=info.seconds / max(1, info.rows * info.n_batches),
+                               hvps=run_state["hvps"], rows=run_state["rows"])
+            plan, costs = _choose(probing, groups, pilot, rtol, atol, L)
+            if group is not None:  # couplings are rank-local estimates: rank 0 decides for all
+                plan = distributed.broadcast_plan(plan, group)
+        seg = segments[-1] if (segments and segments[-1].plan == plan) else new_segment(
+            plan, sum(s.K for s in segments), K)
+        if seg is not (segments[-1] if segments else None):
+            segments.append(seg)
         round_K = K
-        hvps = 0
-        rows = pilot.rows if pilot is not None else 0
-        info = None
         converged = None
+        replanned = False
         while True:
-            sink = SampleSink(round_K, layout, plan, single_batch=single, first_k=next_k, reducer=reducer)
-            sinks = [sink] + ([pair] if pair is not None else [])
-            info = runner.run(plan, range(next_k, next_k + round_K), sinks)
-            hvps += info.hvps
-            rows += info.rows * info.n_batches
-            acc.add(sink)
-            next_k += round_K
+            run_round(seg, round_K)
             if not adaptive:
                 break
-            use, _, _ = _variances(acc, pair)
-            mean = acc.state.mean.cpu()
-            converged, need = _target_met(mean, use, acc.K, rtol, atol, stop_on)
-            done = acc.K
+            comb = combine(segments)
+            converged, need = target_met(comb, rtol, atol, stop_on)
+            done = comb["K"]
             if converged or done >= max_K:
                 break
+            if probing == "auto" and not replanned and pilot is not None and seg.plan.name != "isolated":
+                # validate the choice with measured variances: keep the plan only if its measured
+                # cost beats the isolated plan's (the pilot's couplings were only estimates)
+                replanned = True
+                from .coloring import _weights
+
+                w = _weights(comb["mean"][:-1], rtol, atol, torch.sqrt(comb["var_mean"][:-1].clamp_min(0)))
+                cost_plan = seg.plan.num_groups * float((w * seg.variances()[0][:-1].clamp_min(0)).max())
+                cost_iso = L * float((w * pilot.v0.clamp_min(0)).max())
+                costs = {"measured_plan": cost_plan, "measured_isolated": cost_iso, **(costs or {})}
+                if cost_iso < cost_plan:
+                    seg = new_segment(isolated_plan(L), done, K)  # fresh probe indices
+                    segments.append(seg)
             grow = max(8, int(math.ceil(1.1 * need)) - done) if math.isfinite(need) else done
             round_K = int(min(max(grow, 8), max(done, 8), max_K - done))
-    energy_override = pair.row_energy() if (pair is not None and not single and pair.available and group is None) else None
-    blocks_est, total, samples = _estimates(layout, acc, pair, level, energy_override)
+    info = run_state["info"]
+    energy_override = None
+    last = segments[-1]
+    if len(segments) == 1 and last.pair is not None and not single and last.pair.available and group is None:
+        energy_override = last.pair.row_energy()
+    blocks_est, total, samples = build_estimates(layout, segments, level, energy_override)
     if adaptive and not converged:
         warnings.warn(
             f"adaptive stopping did not reach rtol={rtol}, atol={atol} within max_K={max_K} probes; "
@@ -431,27 +327,30 @@ def block_traces(
             NonFiniteWarning,
             stacklevel=2,
         )
+    final = segments[-1].plan
     meta = {
-        "K": acc.K,
+        "K": samples.shape[0],
         "seed": seed,
-        "first_probe": first_probe,
         "probe": probe,
-        "probing": plan.name,
+        "probing": final.name,
         "probing_requested": probing if isinstance(probing, str) else "plan",
-        "groups": [list(g) for g in plan.groups] if plan.name == "colored" else plan.num_groups,
+        "groups": [list(g) for g in final.groups] if final.name == "colored" else final.num_groups,
+        "segments": [{"probing": s.plan.name, "groups": s.plan.num_groups, "K": s.K, "first_probe": s.first_probe}
+                     for s in segments],
         "curvature": curvature,
-        "variance": "pairwise" if (pair is not None and pair.available) else "sample",
+        "variance": "pairwise" if all(s.pair is not None and s.pair.available for s in segments) else "sample",
         "hvp": info.backbone,
         "hvp_requested": hvp,
         "hvp_timings": info.timings,
         "backend": info.backend,
         "n_batches": info.n_batches,
-        "n_samples": info.total_count if spec.kind == "dataset" else None,
-        "hvps": hvps + pilot_hvps,
-        "hvp_rows": rows,
-        "pilot_hvps": pilot_hvps,
+        "n_samples": (_global_count(segments, info) if spec.kind == "dataset" else None),
+        "world_size": distributed.world_size(group),
+        "hvps": run_state["hvps"],
+        "hvp_rows": run_state["rows"],
+        "pilot_rows": pilot.rows if pilot is not None else 0,
         "loss_form": spec.kind,
-        "device": str(layout.device()),
+        "device": str(device),
         "dtype": str(layout.tensors[0].dtype),
         "wall_time_s": time.perf_counter() - t0,
     }
@@ -465,6 +364,14 @@ def block_traces(
                        extras=extras)
 
 
+def _global_count(segments, info) -> float:
+    """Samples behind the estimate: the all-reduced count under data parallelism."""
+    for s in segments:
+        if s.global_count is not None:
+            return s.global_count
+    return info.total_count
+
+
 def _pairwise_sink(variance, layout, plan, runner, probe, K, max_memory, single, group, first_probe, adaptive):
     """The pairwise-variance sink when requested and affordable, else None."""
     if variance == "sample" or group is not None:
@@ -474,21 +381,19 @@ def _pairwise_sink(variance, layout, plan, runner, probe, K, max_memory, single,
     from .engine import default_memory_budget
 
     budget = max_memory if max_memory is not None else default_memory_budget(layout.device())
-    P = sum(t.numel() * t.element_size() for t in layout.tensors)
+    # a kept product row is float64, and its regenerated probe is float64 while evaluated
+    row_bytes = 16 * sum(t.numel() for t in layout.tensors)
     if single:
-        round_size = int(min(16, budget // max(1, 2 * P)))
+        round_size = int(min(16, budget // max(1, row_bytes)))
         accumulate = False
     else:  # dataset mode keeps every probe's accumulated product
-        round_size = K if (K * 2 * P <= budget and not adaptive) else 0
+        round_size = K if (K * row_bytes <= budget and not adaptive) else 0
         accumulate = True
     if round_size < 2:
         if variance == "pairwise":
             raise MemoryError(
-                f"variance='pairwise' needs {2 * P * max(K, 2)} bytes for the products of a probe round, "
+                f"variance='pairwise' needs {row_bytes * max(K, 2)} bytes for the products of a probe round, "
                 f"over max_memory={budget}; use variance='sample' or raise max_memory"
             )
         return None
-    gob = plan.group_of_block(layout.num_blocks)
-    got = [gob[b] for b in layout.block_index]
-    return PairwiseSink(layout, plan, lambda ks, gs: runner.make_probes(ks, gs, got), probe, round_size,
-                        first_k=first_probe, accumulate=accumulate)
+    return PairwiseSink(layout, plan, runner.seed, probe, round_size, first_k=first_probe, accumulate=accumulate)

@@ -183,8 +183,12 @@ def _n_positional(fn: Callable) -> int | None:
     return n
 
 
-def make_loss_spec(loss: Callable, data: Any = None) -> LossSpec:
-    """Normalise ``(loss, data)`` into a :class:`LossSpec`; see the module docstring."""
+def make_loss_spec(loss: Callable, data: Any = None, allow_empty: bool = False) -> LossSpec:
+    """Normalise ``(loss, data)`` into a :class:`LossSpec`; see the module docstring.
+
+    ``allow_empty`` accepts an iterable without batches (a data-parallel rank whose shard is
+    empty still takes part in the reductions).
+    """
     if not callable(loss):
         raise LossError(f"loss must be callable (a closure loss(model) or a criterion), got {type(loss).__name__}")
     if data is None:
@@ -255,7 +259,7 @@ def make_loss_spec(loss: Callable, data: Any = None) -> LossSpec:
                 inputs=inputs,
                 targets=targets,
             )
-        if empty:
+        if empty and not allow_empty:
             raise DataFormatError("data is an empty iterable: it yielded no batch")
 
     return LossSpec("dataset", many, reiterable)

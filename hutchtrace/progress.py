@@ -47,9 +47,8 @@ class Progress:
         now = time.perf_counter()
         if self._bar is None:
             if self.enabled is None and now - self.t0 > AUTO_AFTER_S:
-                self._open()
-            else:
-                return
+                self._open()  # starts at self.n, which already counts this update
+            return
         if self._bar is _PLAIN:
             if now - self._last_print >= 1.0:
                 self._last_print = now

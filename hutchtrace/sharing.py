@@ -28,7 +28,7 @@ stays merged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,7 +48,8 @@ class SharedTrace:
     """Trace of one shared tensor's Hessian block, true vs unrolled.
 
     ``true``, ``unrolled`` and ``cross`` are ``(mean, se)`` pairs; ``cross`` estimates
-    ``sum_{i != j} tr H_ij`` = true - unrolled (paired, so its SE is small).
+    ``sum_{i != j} tr H_ij`` = true - unrolled from paired samples. ``samples`` is the
+    ``(K, 2)`` float64 tensor of per-probe (true, unrolled) samples.
     """
 
     name: str
@@ -57,6 +58,7 @@ class SharedTrace:
     true: tuple[float, float]
     unrolled: tuple[float, float]
     cross: tuple[float, float]
+    samples: torch.Tensor = field(repr=False, compare=False, default=None)
 
     @property
     def ratio(self) -> float:
@@ -213,7 +215,8 @@ def unrolled_traces(model: nn.Module, loss, K: int = 10, *, data=None, params=No
                 return float(mean), float(se)
 
             results.append(SharedTrace(name=name, uses=m, numel=t.numel(), true=summary(true_s),
-                                       unrolled=summary(unr_s), cross=summary(true_s - unr_s)))
+                                       unrolled=summary(unr_s), cross=summary(true_s - unr_s),
+                                       samples=torch.stack([true_s, unr_s], 1)))
     return results
 
 

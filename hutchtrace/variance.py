@@ -163,35 +163,42 @@ class PairwiseSink(Sink):
     """Pairwise U-statistic variances per block (and for the total), computed in rounds.
 
     Probes are processed in rounds of ``round_size`` consecutive indices; inside a round the
-    products ``w`` are kept (``round_size x P`` memory), the probes regenerated, and
-    :func:`pairwise_variance` applied per block and per probe group. Round estimates are
-    unbiased; they are averaged with weights ``K_r(K_r - 1)`` (their pair counts). This is an
+    products ``w`` are kept (``round_size x P`` memory) and the probes regenerated (one kernel
+    call per tensor). The U-statistic is assembled from per-tensor pieces, which add up over
+    the disjoint coordinates of a block or a group::
+
+        M_j = W_j Z_j^T,   s_j = ||sum_k D_j^(k)||^2,   q_j = sum_k ||D_j^(k)||^2,   e_j = sum_k ||W_j^(k)||^2
+
+    then per block ``F_hat = (sum(M o M^T) - sum diag(M)^2) / (R(R-1))``,
+    ``d_hat = (s - q) / (R(R-1))`` and ``V_hat = e/R + F_hat + (mu4 - 3) d_hat``; the same for
+    each probe group gives the variance of the per-probe total. Round estimates are
+    unbiased; they are averaged with weights ``R(R-1)`` (their pair counts). This is an
     incomplete U-statistic: for K beyond the round size it keeps the ``O(1/K)`` leading
-    variance term of the full one at a fraction of its ``O(K^2 P)`` cost. Sums stay on the
-    device (no host synchronisation).
+    variance term of the full one at a fraction of its ``O(K^2 P)`` cost. Everything stays on
+    the device (no host synchronisation).
 
     In single-batch mode rounds are evaluated as soon as they are complete. With
     ``accumulate=True`` (dataset mode) every row's ``sum_m weight_m w_m`` is kept across
-    batches (``K x P`` memory) and everything is evaluated in :meth:`finish`, after division
-    by the sample count; the row energies ``||w_b||^2`` of the dataset-mean product then
-    become available too.
+    batches and everything is evaluated in :meth:`finish`, after division by the sample
+    count; the row energies ``||w_b||^2`` of the dataset-mean product then become available.
     """
 
-    def __init__(self, layout: BlockLayout, plan: ProbePlan, probe_fn, kind: str, round_size: int,
+    def __init__(self, layout: BlockLayout, plan: ProbePlan, seed: int, kind: str, round_size: int,
                  first_k: int = 0, accumulate: bool = False):
         self.layout = layout
-        self.probe_fn = probe_fn  # (ks, gs) -> per-tensor probe rows
+        self.seed = seed
         self.kind = kind
         self.round_size = max(2, round_size)
         self.first_k = first_k
         self.G = plan.num_groups
         L = layout.num_blocks
-        self.gob = plan.group_of_block(L)
-        group_of_tensor = [self.gob[b] for b in layout.block_index]
-        self.tensors_of_group = [[j for j, gj in enumerate(group_of_tensor) if gj == g] for g in range(self.G)]
-        self.blocks_of_group = [[b for b in range(L) if self.gob[b] == g] for g in range(self.G)]
+        gob = plan.group_of_block(L)
+        self.group_of_tensor = [gob[b] for b in layout.block_index]
+        self.tensors_of_group = [[j for j, gj in enumerate(self.group_of_tensor) if gj == g] for g in range(self.G)]
         dev = layout.device()
-        self._rounds: dict[int, dict[tuple[int, int], list[torch.Tensor]]] = {}
+        self._block_of_tensor = torch.tensor(layout.block_index, dtype=torch.int64, device=dev)
+        self._group_index = torch.tensor(self.group_of_tensor, dtype=torch.int64, device=dev)
+        self._rounds: dict[int, dict] = {}
         self._sum_block = torch.zeros(L, dtype=torch.float64, device=dev)
         self._sum_group = torch.zeros(self.G, dtype=torch.float64, device=dev)
         self._energy = torch.zeros(L, dtype=torch.float64, device=dev)
@@ -200,45 +207,77 @@ class PairwiseSink(Sink):
         self.accumulate = accumulate
         self._scale = 1.0
 
+    def _round(self, rnd: int) -> dict:
+        if rnd not in self._rounds:
+            self._rounds[rnd] = {"w": [None] * len(self.layout.tensors), "rows": set()}
+        return self._rounds[rnd]
+
     def on_rows(self, rb: RowBatch) -> None:
-        for r, (k, g) in enumerate(zip(rb.ks, rb.gs)):
-            rnd = (k - self.first_k) // self.round_size
-            rows = self._rounds.setdefault(rnd, {})
-            w = [rb.w[j][r].detach() for j in self.tensors_of_group[g]]
-            if self.accumulate:
-                prev = rows.get((k, g))
-                if prev is None:
-                    rows[(k, g)] = [wi * rb.weight for wi in w]
-                else:
-                    for acc, wi in zip(prev, w):
-                        acc.add_(wi, alpha=rb.weight)
-            else:
-                rows[(k, g)] = w
-                if len(rows) == self.round_size * self.G:
-                    self._flush(rnd)
+        R = len(rb.ks)
+        r = 0
+        while r < R:  # runs of one group with consecutive k, split at round boundaries
+            g, k0 = rb.gs[r], rb.ks[r]
+            rnd = (k0 - self.first_k) // self.round_size
+            e = r
+            while (e + 1 < R and rb.gs[e + 1] == g and rb.ks[e + 1] == rb.ks[e] + 1
+                   and (rb.ks[e + 1] - self.first_k) // self.round_size == rnd):
+                e += 1
+            state = self._round(rnd)
+            base = self.first_k + rnd * self.round_size
+            sl = slice(k0 - base, k0 - base + e - r + 1)
+            for j in self.tensors_of_group[g]:
+                src = rb.w[j][r : e + 1].detach().reshape(e - r + 1, -1)
+                buf = state["w"][j]
+                if buf is None:
+                    buf = torch.zeros((self.round_size, src.shape[1]), dtype=torch.float64, device=src.device)
+                    state["w"][j] = buf
+                buf[sl].add_(src, alpha=rb.weight)
+            state["rows"].update((k, g) for k in range(k0, k0 + e - r + 1))
+            if not self.accumulate and len(state["rows"]) == self.round_size * self.G:
+                self._flush(rnd)
+            r = e + 1
 
     def _flush(self, rnd: int) -> None:
-        rows = self._rounds.pop(rnd, {})
-        ks = sorted({k for k, _ in rows})
-        R = len(ks)
-        if R < 2 or len(rows) != R * self.G:
+        from . import ops
+
+        state = self._rounds.pop(rnd, None)
+        if state is None:
             return
+        ks = sorted({k for k, _ in state["rows"]})
+        R = len(ks)
+        if R < 2 or len(state["rows"]) != R * self.G or ks != list(range(ks[0], ks[0] + R)):
+            return
+        base = self.first_k + rnd * self.round_size
+        lo = ks[0] - base
+        Ms, s2, q2, en = [], [], [], []
+        for j, t in enumerate(self.layout.tensors):
+            W = state["w"][j][lo : lo + R] * self._scale
+            Z = ops.probes(self.seed, ks[0], self.layout.offsets[j], t.numel(), num_probes=R, kind=self.kind,
+                           dtype=torch.float64, device=W.device)
+            D = Z * W
+            Ms.append(W @ Z.T)
+            s2.append((D.sum(0) ** 2).sum())
+            q2.append((D * D).sum())
+            en.append((W * W).sum())
+        L = self.layout.num_blocks
         pairs = R * (R - 1)
-        for g in range(self.G):
-            tensors = self.tensors_of_group[g]
-            z = self.probe_fn(ks, [g] * R)  # per-tensor (R, *shape)
-            Wt = {j: torch.stack([rows[(k, g)][i] for k in ks]).reshape(R, -1) * self._scale
-                  for i, j in enumerate(tensors)}
-            Zt = {j: z[j].reshape(R, -1) for j in tensors}
-            for b in self.blocks_of_group[g]:
-                js = self.layout.tensors_of(b)
-                est = pairwise_variance(torch.cat([Wt[j] for j in js], 1), torch.cat([Zt[j] for j in js], 1),
-                                        self.kind)
-                self._sum_block[b] += est["variance"] * pairs
-                self._energy[b] += est["row_energy"] * R
-            est_g = pairwise_variance(torch.cat([Wt[j] for j in tensors], 1),
-                                      torch.cat([Zt[j] for j in tensors], 1), self.kind)
-            self._sum_group[g] += est_g["variance"] * pairs
+        mu = MU4[self.kind] - 3
+
+        def reduce(index, n):
+            M = torch.zeros((n, R, R), dtype=torch.float64, device=index.device).index_add_(0, index, torch.stack(Ms))
+            S = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(0, index, torch.stack(s2))
+            Q = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(0, index, torch.stack(q2))
+            E = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(0, index, torch.stack(en))
+            diag = torch.diagonal(M, dim1=1, dim2=2)
+            frob2 = ((M * M.transpose(1, 2)).sum((1, 2)) - (diag**2).sum(1)) / pairs
+            diag2 = (S - Q) / pairs
+            return E / R + frob2 + mu * diag2, E / R
+
+        vb, eb = reduce(self._block_of_tensor, L)
+        vg, _ = reduce(self._group_index, self.G)
+        self._sum_block += vb * pairs
+        self._sum_group += vg * pairs
+        self._energy += eb * R
         self._pairs += pairs
         self._energy_n += R
 

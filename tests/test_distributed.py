@@ -97,14 +97,6 @@ def test_dp_unequal_shards_weight_by_sample_count(pools, world, sizes, form):
     assert (unweighted - ref.samples).abs().max() > 1e-6 * ref.samples.abs().max()
 
 
-_SINGLE_UNEQUAL_REASON = (
-    "needs estimator.py: under a process group a single (inputs, targets) batch must be weighted by its "
-    "sample count (spec = make_loss_spec(loss, [data]) when group is not None and spec.kind == 'criterion'); "
-    "today each rank's batch has weight = count = 1"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_SINGLE_UNEQUAL_REASON)
 def test_dp_unequal_single_batch_shards(pools):
     outs = pools(2).run("dp", sizes=[17, 7], form="single")
     assert_matches(outs[0], reference())
@@ -328,3 +320,13 @@ def test_group_helpers_without_torch_distributed():
         model, crit, (x, y) = scenarios.make("mlp")
         hutchtrace.block_traces(model, crit, K=2, data=(x, y), seed=0, process_group=object())
 
+
+
+def test_dp_empty_shard_and_global_metadata(pools):
+    """A rank whose DataLoader shard is empty still takes part; the metadata reports the
+    global sample count and the world size."""
+    outs = pools(2).run("dp", sizes=[24, 0], form="loader")
+    ref = reference()
+    for o in outs:
+        assert_matches(o, ref)
+        assert o["meta"]["n_samples"] == 24 and o["meta"]["world_size"] == 2
