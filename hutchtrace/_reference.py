@@ -183,12 +183,26 @@ def _sincos_turn(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cos_t, sin_t
 
 
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float64 square root.
+
+    ``torch.sqrt`` on CPU may go through MKL's ``vdSqrt``, which is not always correctly
+    rounded; numpy's ``sqrt`` is the IEEE hardware instruction. CUDA's double ``sqrt`` is
+    IEEE round-to-nearest.
+    """
+    if x.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.sqrt(x.contiguous().numpy())).reshape(x.shape)
+    return torch.sqrt(x)
+
+
 def _gaussian_from_words(words4: torch.Tensor) -> torch.Tensor:
     """Box-Muller on a (..., 4) int64 tensor of Philox words -> (..., 4) float64."""
     u = words4.to(torch.float64)
     a = (u[..., 0::2] + 1.0) * TWO_POW_M32
     b = u[..., 1::2] * TWO_POW_M32
-    r = torch.sqrt(_log_poly(a) * -2.0)
+    r = _sqrt_rn(_log_poly(a) * -2.0)
     cos_t, sin_t = _sincos_turn(b)
     out = torch.stack((r * cos_t, r * sin_t), dim=-1)  # (..., 2 pairs, 2)
     return out.reshape(words4.shape)

@@ -151,7 +151,6 @@ def predicted_cost(F, v0, groups, weights) -> float:
 
 def _first_fit(F: torch.Tensor, v0: torch.Tensor, w: torch.Tensor, lam: float, order) -> list[list[int]] | None:
     """First-fit partition with every ``w_b V_b <= lam``; None when a block cannot fit even alone."""
-    L = F.shape[0]
     groups: list[list[int]] = []
     loads: list[torch.Tensor] = []  # loads[g][m] = sum_{c in g} F_mc
     for b in order:
