@@ -1,6 +1,6 @@
 """hutchtrace: block-wise Hessian traces with honest error bars.
 
-The core call is :func:`block_traces`; see the README for the full public API.
+The core call is :func:`block_traces`; the README documents every public name.
 """
 
 from __future__ import annotations
@@ -8,7 +8,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _ext  # noqa: F401  (loads the compiled kernels when available)
+from .analysis import CCAResult, PCAResult, cca, snapshot_pca
 from .blocks import Block, BlockLayout, resolve_blocks
+from .coupling import Coupling, block_coupling, estimate_coupling_matrix
+from .cusum import Alarm, CUSUMDetector
+from .decompose import Decomposition, decompose
 from .errors import (
     BlockSpecError,
     DataFormatError,
@@ -20,8 +24,24 @@ from .errors import (
     NonFiniteWarning,
 )
 from .estimator import block_traces
+from .exact import exact_block_traces, exact_hessian
+from .local_hessian import (
+    DegenerateLocalHessianWarning,
+    LocalHessian,
+    LocalHessianError,
+    local_hessian,
+    local_hessian_rows,
+)
+from .minibatch import VarianceDecomposition, variance_decomposition
+from .monitor import Monitor
 from .probing import ProbePlan
 from .result import BlockEstimate, BlockTraces
+from .sharing import SharedTrace, unrolled_traces
+from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_log
+from .snapshots import SnapshotRecorder, load_arrays, load_run
+from .spectra import block_eigenvalues, hutchpp, spectral_density, stable_rank
+from .spectrum import SpectrumSummary, VectorSummary, spectrum_summary, vector_summary
+from .variance import exact_variance
 
 __all__ = [
     "__version__",
@@ -29,11 +49,52 @@ __all__ = [
     "block_traces",
     "BlockTraces",
     "BlockEstimate",
-    # blocks and probing
     "Block",
     "BlockLayout",
     "resolve_blocks",
     "ProbePlan",
+    # statistics
+    "exact_variance",
+    "variance_decomposition",
+    "VarianceDecomposition",
+    "unrolled_traces",
+    "SharedTrace",
+    # exact references for small models
+    "exact_hessian",
+    "exact_block_traces",
+    # curvature structure
+    "decompose",
+    "Decomposition",
+    "block_coupling",
+    "Coupling",
+    "estimate_coupling_matrix",
+    "block_eigenvalues",
+    "stable_rank",
+    "spectral_density",
+    "hutchpp",
+    # local Hessians of single layers and training snapshots
+    "local_hessian",
+    "local_hessian_rows",
+    "LocalHessian",
+    "spectrum_summary",
+    "vector_summary",
+    "SpectrumSummary",
+    "VectorSummary",
+    "SnapshotRecorder",
+    "load_run",
+    "load_arrays",
+    "cca",
+    "snapshot_pca",
+    "CCAResult",
+    "PCAResult",
+    # monitoring
+    "Monitor",
+    "CUSUMDetector",
+    "Alarm",
+    "JSONLSink",
+    "CSVSink",
+    "TensorBoardSink",
+    "read_log",
     # errors and warnings
     "HutchtraceError",
     "LossError",
@@ -43,4 +104,6 @@ __all__ = [
     "HVPUnsupportedError",
     "MemoryBudgetError",
     "NonFiniteWarning",
+    "LocalHessianError",
+    "DegenerateLocalHessianWarning",
 ]
