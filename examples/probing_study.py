@@ -41,11 +41,14 @@ def study_model(name, make, quick):
     i = exact_variance(H, layout, "isolated")
     tr = g["trace"]
     rows = []
+    vmax = float(g["variance"].max())
     for b, blk in enumerate(layout.blocks):
+        vi = float(i["variance"][b])
         rows.append({
             "block": blk.name, "numel": blk.numel, "trace": float(tr[b]),
-            "var_global": float(g["variance"][b]), "var_isolated": float(i["variance"][b]),
-            "inflation": float(g["variance"][b] / max(float(i["variance"][b]), 1e-300)),
+            "var_global": float(g["variance"][b]), "var_isolated": vi,
+            # a structurally zero block (a conv bias before BatchNorm) has no meaningful ratio
+            "inflation": float(g["variance"][b]) / vi if vi > 1e-12 * vmax else None,
             "K_global": float(needed(g["variance"], tr)[b]), "K_isolated": float(needed(i["variance"], tr)[b]),
         })
     runs = {}
@@ -85,8 +88,9 @@ def markdown(studies, kstar) -> str:
         out.append("| block | numel | tr H_bb | Var t_b global | Var t_b isolated | inflation | K for 5 % (global) | K for 5 % (isolated) |")
         out.append("|---|---|---|---|---|---|---|---|")
         for r in s["blocks"]:
+            infl = f"{r['inflation']:.1f}x" if r["inflation"] is not None else "(zero block)"
             out.append(f"| {r['block']} | {r['numel']} | {r['trace']:.4g} | {r['var_global']:.3g} | "
-                       f"{r['var_isolated']:.3g} | {r['inflation']:.1f}x | {r['K_global']:.0f} | {r['K_isolated']:.0f} |")
+                       f"{r['var_isolated']:.3g} | {infl} | {r['K_global']:.0f} | {r['K_isolated']:.0f} |")
         ru = s["runs"]
         out.append("")
         out.append(f"Exact HVP rows to 5 % on every block: global {ru['global_exact_rows']:.0f}, "

@@ -279,7 +279,6 @@ def block_traces(
             segments.append(seg)
         round_K = K
         converged = None
-        replanned = False
         while True:
             run_round(seg, round_K)
             if not adaptive:
@@ -289,10 +288,10 @@ def block_traces(
             done = comb["K"]
             if converged or done >= max_K:
                 break
-            if probing == "auto" and not replanned and pilot is not None and seg.plan.name != "isolated":
-                # validate the choice with measured variances: keep the plan only if its measured
-                # cost beats the isolated plan's (the pilot's couplings were only estimates)
-                replanned = True
+            if probing == "auto" and pilot is not None and seg.plan.name != "isolated":
+                # validate the choice after every round with measured variances: keep the plan
+                # only while its measured cost beats the isolated plan's (the pilot's couplings
+                # were only estimates). Samples already taken keep counting after a switch.
                 from .coloring import _weights
 
                 w = _weights(comb["mean"][:-1], rtol, atol, torch.sqrt(comb["var_mean"][:-1].clamp_min(0)))

@@ -213,9 +213,9 @@ def variance_decomposition(
         if bs is not None:
             vb_se = float(bs["v_b"][:, j].std())
             sw_se = float(bs["s_w2"][:, j].std())
-            ks = bs["k_star"][:, j]
-            lo_q = float(torch.quantile(ks, 0.05))
-            hi_q = float(torch.quantile(ks, 0.95))
+            ks = torch.sort(bs["k_star"][:, j]).values  # may hold inf (V_B <= 0 in a replicate)
+            lo_q = float(ks[int(0.05 * (len(ks) - 1))])
+            hi_q = float(ks[int(math.ceil(0.95 * (len(ks) - 1)))])
         else:
             vb_se = sw_se = math.nan
             lo_q = hi_q = math.nan
