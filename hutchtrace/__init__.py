@@ -37,7 +37,7 @@ from .monitor import Monitor
 from .probing import ProbePlan
 from .result import BlockEstimate, BlockTraces
 from .sharing import SharedTrace, unrolled_traces
-from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_log
+from .sinks import CallbackSink, CSVSink, JSONLSink, TensorBoardSink, plot_monitor, read_log
 from .snapshots import SnapshotRecorder, load_arrays, load_run
 from .spectra import block_eigenvalues, hutchpp, spectral_density, stable_rank
 from .spectrum import SpectrumSummary, VectorSummary, spectrum_summary, vector_summary
@@ -94,7 +94,9 @@ __all__ = [
     "JSONLSink",
     "CSVSink",
     "TensorBoardSink",
+    "CallbackSink",
     "read_log",
+    "plot_monitor",
     # errors and warnings
     "HutchtraceError",
     "LossError",

@@ -59,6 +59,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from . import distributed
+from .blocks import unwrap_model
 from .cusum import Alarm, CUSUMDetector
 from .loss import check_loss_value, make_loss_spec
 from .state import PreservedState
@@ -257,7 +259,10 @@ class Monitor:
             return self.max_every
         need = self.t_meas * (1.0 - b) / (b * self.t_step)
         n = math.ceil(need - 1e-9) if math.isfinite(need) else self.max_every
-        return int(max(self.min_every, min(self.max_every, n)))
+        n = int(max(self.min_every, min(self.max_every, n)))
+        # under torch.distributed every rank must measure at the same steps (the measurement
+        # is collective), but each rank timed itself: rank 0's interval is used everywhere
+        return distributed.agree_int(n)
 
     @property
     def overhead_fraction(self) -> float:
@@ -337,11 +342,13 @@ class Monitor:
         return record
 
     def _loss_and_grad_norm(self, spec) -> tuple[float, float]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        with PreservedState(self.model):
+        # the unwrapped module: a DDP forward/backward would all-reduce gradients
+        model = unwrap_model(self.model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with PreservedState(model):
             total, count = None, 0.0
             for batch in spec.batches():
-                val = check_loss_value(batch.fn(self.model)) * batch.weight
+                val = check_loss_value(batch.fn(model)) * batch.weight
                 total = val if total is None else total + val
                 count += batch.count
             total = total / count
@@ -351,8 +358,9 @@ class Monitor:
 
     def _emit(self, record: dict) -> None:
         self.history.append(record)
-        for s in self.sinks:
-            s.write(record)
+        if distributed.is_main_process():  # under DDP only rank 0 writes the logs
+            for s in self.sinks:
+                s.write(record)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

@@ -187,9 +187,6 @@ def test_monitor_under_ddp_measures_the_global_traces(pools, tmp_path):
     assert outs[0]["history"] == outs[1]["history"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs monitor.py: write sinks only where hutchtrace.distributed.is_main_process() (keep history on "
-    "every rank), and agree on the adaptive interval with distributed.agree_int"))
 def test_monitor_under_ddp_only_rank0_writes(pools, tmp_path):
     from hutchtrace.sinks import read_log
 

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import snapshot
 
 from hutchtrace.sinks import read_log
