@@ -55,11 +55,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validate import check_model, check_probe_kind, resolve_seed
 from .blocks import BlockLayout, resolve_blocks, unwrap_model
 from .curvature_op import CurvatureProducts, probe_rows
-from .decompose import PROBE_KINDS, _rows_per_call
+from .decompose import _rows_per_call
 from .engine import RowBatch, Sink, check_probe_count
-from .estimator import draw_seed
 from .loss import make_loss_spec
 from .progress import Progress
 from .state import PreservedState
@@ -305,16 +305,11 @@ def _check_args(K, mode, curvature, probe, seed, model):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-    if probe not in PROBE_KINDS:
-        raise ValueError(f"probe must be one of {PROBE_KINDS}, got {probe!r}")
+    check_probe_kind(probe)
     if mode == "ustat" and K < 2:
         raise ValueError("mode='ustat' needs K >= 2 probes (pairs of distinct probes); K >= 16 is advisable")
-    if seed is None:
-        seed = draw_seed()
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    seed = resolve_seed(seed)
+    check_model(model)
     return K, seed
 
 

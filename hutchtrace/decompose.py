@@ -47,11 +47,11 @@ import torch
 from torch import nn
 
 from . import ops
+from ._validate import check_level, check_model, check_probe_kind, resolve_seed
 from .blocks import BlockLayout, resolve_blocks, unwrap_model
 from .curvature_op import CurvatureProducts, probe_rows
 from .engine import check_probe_count, default_memory_budget
 from .errors import NonFiniteWarning
-from .estimator import draw_seed
 from .loss import make_loss_spec
 from .progress import Progress
 from .result import BlockEstimate, BlockTraces
@@ -60,7 +60,6 @@ from .stats import mean_se_ci
 
 __all__ = ["Decomposition", "decompose", "ratio_of_means", "traces_from_samples"]
 
-PROBE_KINDS = ("rademacher", "gaussian")
 
 
 def ratio_of_means(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,16 +249,10 @@ def decompose(
     """
     t0 = time.perf_counter()
     K = check_probe_count(K)
-    if probe not in PROBE_KINDS:
-        raise ValueError(f"probe must be one of {PROBE_KINDS}, got {probe!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if seed is None:
-        seed = draw_seed()
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_probe_kind(probe)
+    check_level(level)
+    seed = resolve_seed(seed)
+    check_model(model)
     inner = unwrap_model(model)
     layout = resolve_blocks(inner, blocks)
     spec = make_loss_spec(loss, data)

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._validate import check_level, check_model, check_probe_kind, resolve_seed
 from .blocks import BlockLayout, resolve_blocks, unwrap_model
 from .errors import BlockSpecError, DataFormatError, HutchtraceError, HVPUnsupportedError, NonFiniteWarning
 from .loss import BatchClosure, call_model, check_loss_value, make_loss_spec
@@ -432,17 +433,11 @@ def _estimates_from_samples(layout: BlockLayout, samples: torch.Tensor, energy: 
 
 def _check_common(K, probe, seed, level):
     from .engine import check_probe_count
-    from .estimator import PROBE_KINDS, draw_seed
 
     K = check_probe_count(K)
-    if probe not in PROBE_KINDS:
-        raise ValueError(f"probe must be one of {PROBE_KINDS}, got {probe!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if seed is None:
-        seed = draw_seed()
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+    check_probe_kind(probe)
+    check_level(level)
+    seed = resolve_seed(seed)
     return K, seed
 
 
@@ -833,8 +828,7 @@ def dtensor_block_traces(
     """
     t0 = time.perf_counter()
     K, seed = _check_common(K, probe, seed, level)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     inner = unwrap_model(model)
     shards = shards_of(inner)
     layout_model = resolve_blocks(inner, blocks)

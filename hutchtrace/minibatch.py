@@ -171,15 +171,15 @@ def variance_decomposition(
         >>> len(vd.blocks)
         6
     """
-    from .estimator import block_traces, draw_seed
+    from ._validate import resolve_seed
+    from .estimator import block_traces
     from .progress import Progress
 
     if isinstance(K, bool) or not isinstance(K, int) or K < 2:
         raise ValueError(f"K must be an int >= 2 (the within-batch variance needs 2 probes), got {K!r}")
     if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 2:
         raise ValueError(f"n_batches must be an int >= 2, got {n_batches!r}")
-    if seed is None:
-        seed = draw_seed()
+    seed = resolve_seed(seed)
     first_seed = seed
     samples = []
     names = None

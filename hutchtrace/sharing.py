@@ -167,12 +167,11 @@ def unrolled_traces(model: nn.Module, loss, K: int = 10, *, data=None, params=No
         >>> [(s.name, s.uses) for s in out]
         [('inp.weight', 5), ('inp.bias', 5), ('rec.weight', 5)]
     """
-    from .estimator import draw_seed
+    from ._validate import resolve_seed
 
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be an int >= 1, got {K!r}")
-    if seed is None:
-        seed = draw_seed()
+    seed = resolve_seed(seed)
     model = unwrap_model(model)
     layout = resolve_blocks(model, "param")
     spec = make_loss_spec(loss, data)

@@ -49,11 +49,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validate import check_model, check_probe_kind, resolve_seed
 from .blocks import BlockLayout, resolve_blocks, unwrap_model
 from .curvature_op import CurvatureProducts, probe_rows
-from .decompose import PROBE_KINDS, _rows_per_call
+from .decompose import _rows_per_call
 from .engine import check_probe_count
-from .estimator import draw_seed
 from .loss import make_loss_spec
 from .progress import Progress
 from .state import PreservedState
@@ -614,14 +614,9 @@ def _select(layout: BlockLayout, select) -> list[int]:
 def _session(model, loss, data, blocks, curvature, seed, probe, hvp, select, probe_batch, max_memory):
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
-    if probe not in PROBE_KINDS:
-        raise ValueError(f"probe must be one of {PROBE_KINDS}, got {probe!r}")
-    if seed is None:
-        seed = draw_seed()
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_probe_kind(probe)
+    seed = resolve_seed(seed)
+    check_model(model)
     inner = unwrap_model(model)
     layout = resolve_blocks(inner, blocks)
     spec = make_loss_spec(loss, data)
