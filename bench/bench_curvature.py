@@ -68,6 +68,8 @@ ROUNDS = 11
 
 def _time(benchmark, case_name, name, fn, probes):
     benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing timed
+        return
     per_probe = benchmark.stats.stats.median / probes
     _PER_PROBE[(case_name, name)] = per_probe
     benchmark.extra_info["per_probe_s"] = per_probe
@@ -124,7 +126,8 @@ def bench_coupling_block(benchmark, case):
     _time(benchmark, name, "coupling_block", lambda: block_coupling(
         model, crit, K=K_BLOCK, data=data, seed=0, mode="block", hvp="reverse-batched", probe_batch=ROWS,
         progress=False), K_BLOCK)
-    _PER_PROBE[(name, "coupling_block_per_product")] = _PER_PROBE[(name, "coupling_block")] / L
+    if (name, "coupling_block") in _PER_PROBE:
+        _PER_PROBE[(name, "coupling_block_per_product")] = _PER_PROBE[(name, "coupling_block")] / L
 
 
 def bench_coupling_rowsum(benchmark, case):
@@ -144,6 +147,8 @@ def bench_coupling_ustat(benchmark, case):
 def bench_zz_report(case):
     """Not timed: prints and saves the ratios of the runs above (same process, same machine)."""
     name = case[0]
+    if (name, "block_traces") not in _PER_PROBE:
+        pytest.skip("no timings (benchmarks disabled or the timed runs were deselected)")
     base = _PER_PROBE[(name, "block_traces")]
     loop = _PER_PROBE[(name, "hvp_loop")]
     ratios = {k[1]: v / base for k, v in _PER_PROBE.items() if k[0] == name}
