@@ -63,7 +63,6 @@ class PreservedState:
     _training: list = field(default_factory=list)
     _buffers: list = field(default_factory=list)
     _grads: list = field(default_factory=list)
-    _params: list = field(default_factory=list)
     _bn: list = field(default_factory=list)
     _rng: tuple | None = None
     _cuda_ids: list = field(default_factory=list)
@@ -76,7 +75,6 @@ class PreservedState:
         self._rng = _get_rng(self._cuda_ids)
         self._training = [(m, m.training) for m in model.modules()]
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self._params = [(p, p.data, p._version) for p in model.parameters()]
         self._grads = [(p, p.grad) for p in model.parameters()]
         self._bn = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
         for m in self._bn:
@@ -100,9 +98,6 @@ class PreservedState:
                         b.copy_(saved)
             for p, g in self._grads:
                 p.grad = g
-            for p, data, _ in self._params:
-                if p.data is not data:
-                    p.data = data
             if self._rng is not None:
                 _set_rng(self._rng, self._cuda_ids)
 
