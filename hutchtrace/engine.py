@@ -6,12 +6,22 @@ restricted to group ``g`` of a :class:`~hutchtrace.probing.ProbePlan`. Loop orde
 
 * batches outer (a DataLoader is consumed once; reverse-mode graphs are built once per
   batch and reused for every probe), rows inner;
-* rows in chunks of consecutive probe indices, ordered group-major inside a chunk so each
-  tensor's probe entries come from one kernel call;
-* per chunk: generate ``z`` in place from (seed, k, global offset), one HVP (single or
-  batched over rows), one fused reduction giving ``z_b . w_b`` and ``||w_b||^2`` for every
-  block, then the sinks. Nothing in the loop synchronises with the host, except the
-  timing of the ``auto`` backbone choice on the first chunks.
+* rows in chunks of consecutive probe indices of one group: each tensor's probe entries
+  come from one kernel call, and a reverse backbone seeds its double backward with the
+  group's gradients only;
+* per chunk: generate ``z`` in place from (seed, k, global offset) into ONE flat ``(R, P)``
+  buffer (one kernel call per run of contiguous tensors of a group; per-tensor probes are
+  views), the HVPs (one batched call, or one call per row for the sequential backbones,
+  whose rows are written into a flat ``(R, P)`` product buffer), one fused reduction giving
+  ``z_b . w_b`` and ``||w_b||^2`` for every block, then the sinks, once per chunk. Nothing
+  in the loop synchronises with the host, except the timing of the ``auto`` backbone
+  choice on the first chunks.
+* ``cuda_graph=True`` (reverse backbones on CUDA): per batch, after the first-order graph
+  is built on a side stream and two chunks have run eagerly (warm-up), the HVPs and the
+  reduction of one chunk are captured in a CUDA graph and replayed for every later chunk of
+  the same shape. The probe fill stays an eager launch (one per chunk): the compiled probe
+  kernel takes the probe index as a kernel parameter, which a replay would freeze. The
+  sinks run eagerly on the graph's static outputs, which they copy before the next replay.
 
 Sinks accumulate ``weight_m * quantity`` over batches; :meth:`Sink.finish` receives the
 normaliser ``N = sum_m count_m`` (see :mod:`hutchtrace.loss`).
@@ -20,6 +30,8 @@ normaliser ``N = sum_m count_m`` (see :mod:`hutchtrace.loss`).
 from __future__ import annotations
 
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +45,7 @@ from .probing import ProbePlan
 from .progress import Progress
 from .state import ForwardRNG
 
-__all__ = ["RowBatch", "Sink", "ProbeRunner", "RunInfo", "default_memory_budget"]
+__all__ = ["RowBatch", "Sink", "ProbeRunner", "RunInfo", "Columns", "default_memory_budget"]
 
 
 @dataclass
@@ -43,6 +55,11 @@ class RowBatch:
     ``z[j]`` and ``w[j]`` have shape ``(R, *tensor_j.shape)``; ``dots`` and ``sq`` are
     ``(R, L)`` float64 with ``dots[r, b] = z_b . w_b`` and ``sq[r, b] = ||w_b||^2`` for
     EVERY block b (blocks outside the row's group have ``z_b = 0``).
+
+    ``z_flat`` / ``w_flat`` (or None) are ``(R, P)`` buffers of which ``z`` / ``w`` are
+    column views (tensor ``j`` at columns ``cols[j] .. cols[j] + numel_j``, tensors in
+    layout order): sinks can copy a whole row in one operation. They are only valid
+    during :meth:`Sink.on_rows` (a CUDA-graph replay overwrites them): copy, never keep.
     """
 
     batch_index: int
@@ -53,6 +70,8 @@ class RowBatch:
     w: list[torch.Tensor]
     dots: torch.Tensor
     sq: torch.Tensor
+    z_flat: torch.Tensor | None = None
+    w_flat: torch.Tensor | None = None
 
 
 class Sink:
@@ -97,6 +116,69 @@ def _model_key(model: nn.Module, layout: BlockLayout) -> tuple:
     )
 
 
+class Columns:
+    """Where each selected tensor sits in a flat ``(R, P)`` row buffer.
+
+    Tensor ``j`` occupies columns ``cols[j] .. cols[j] + numel[j]`` (layout order, no gaps).
+    :meth:`runs` merges tensors whose *global* offsets are contiguous too, so one probe
+    kernel call fills a whole run; for the default blocks every tensor is selected and a
+    global probe is ONE call.
+    """
+
+    def __init__(self, layout: BlockLayout):
+        self.layout = layout
+        self.numel = [t.numel() for t in layout.tensors]
+        self.shapes = [tuple(t.shape) for t in layout.tensors]
+        self.cols = []
+        c = 0
+        for n in self.numel:
+            self.cols.append(c)
+            c += n
+        self.P = c
+        self.dtype = layout.tensors[0].dtype
+        self.device = layout.tensors[0].device
+        # one dtype for every tensor: a flat buffer can hold them all
+        self.uniform = all(t.dtype == self.dtype for t in layout.tensors)
+        self._runs: dict[tuple, list[tuple[int, int, int]]] = {}
+
+    def runs(self, members) -> list[tuple[int, int, int]]:
+        """``(col_start, col_end, global_offset)`` runs covering tensors ``members`` (sorted)."""
+        key = tuple(members)
+        hit = self._runs.get(key)
+        if hit is not None:
+            return hit
+        offs = self.layout.offsets
+        out: list[list[int]] = []
+        prev = None
+        for j in key:
+            n = self.numel[j]
+            if out and prev == j - 1 and offs[j] == offs[prev] + self.numel[prev]:
+                out[-1][1] = self.cols[j] + n
+            else:
+                out.append([self.cols[j], self.cols[j] + n, offs[j]])
+            prev = j
+        res = [tuple(r) for r in out if r[1] > r[0]]
+        self._runs[key] = res
+        return res
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-tensor ``(R, *shape)`` views of a flat ``(R, P)`` buffer (nothing copied)."""
+        R = flat.shape[0]
+        return [flat[:, c : c + n].view((R,) + s) for c, n, s in zip(self.cols, self.numel, self.shapes)]
+
+
+class _Flat:
+    """A flat ``(R, P)`` buffer with its per-tensor views and per-row views, made once
+    (building L views per row and chunk costs more than copying a small model's rows)."""
+
+    __slots__ = ("buf", "views", "rows")
+
+    def __init__(self, buf: torch.Tensor, cols: Columns):
+        self.buf = buf
+        self.views = cols.views(buf)
+        self.rows = [[v[r] for v in self.views] for r in range(buf.shape[0])]
+
+
 class ProbeRunner:
     """Runs probe rows through an HVP backbone over all batches of a loss.
 
@@ -111,7 +193,15 @@ class ProbeRunner:
         max_memory: byte budget for batched probes (``None``: :func:`default_memory_budget`).
         progress: ``None`` (auto), ``True`` or ``False``.
         desc: label of the progress display.
+        cuda_graph: capture the HVPs and the reduction of one chunk of probe rows in a CUDA
+            graph and replay it (reverse backbones, CUDA tensors, static shapes; see the
+            module docs). ``hvp="auto"`` then means ``"reverse"``.
     """
+
+    #: rows per chunk of a sequential (one HVP per row) backbone: amortises the per-chunk
+    #: work (probe kernel calls, reduction, sinks) without holding many rows in memory
+    SEQUENTIAL_ROWS = 8
+    GRAPH_BACKBONES = ("reverse", "reverse-batched")
 
     def __init__(
         self,
@@ -128,92 +218,185 @@ class ProbeRunner:
         progress: bool | None = None,
         desc: str = "hutchtrace",
         acc_dtype: torch.dtype = torch.float64,
+        cuda_graph: bool = False,
     ):
         self.candidates = backbones_for(curvature)
         if hvp != "auto" and hvp not in self.candidates:
             raise ValueError(f"hvp must be 'auto' or one of {self.candidates} for curvature={curvature!r}, got {hvp!r}")
         self.curvature = curvature
-        if probe_batch is not None and (not isinstance(probe_batch, int) or probe_batch < 1):
+        if probe_batch is not None and (isinstance(probe_batch, bool) or not isinstance(probe_batch, int)
+                                        or probe_batch < 1):
             raise ValueError(f"probe_batch must be a positive int or None, got {probe_batch!r}")
         self.model = model
         self.layout = layout
         self.loss_spec = loss_spec
         self.seed = seed
         self.kind = kind
-        self.hvp = hvp
         self.device = layout.device()
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError(
+                    f"cuda_graph=True captures CUDA kernels, but the parameters are on {self.device}; "
+                    "move the model and data to a GPU (model.cuda()) or drop cuda_graph"
+                )
+            if hvp == "auto":
+                hvp = "reverse"
+            if hvp not in self.GRAPH_BACKBONES:
+                raise ValueError(
+                    f"cuda_graph=True works with the reverse-mode backbones {self.GRAPH_BACKBONES} (their "
+                    f"first-order graph is built once per batch and replayed), not hvp={hvp!r}; "
+                    "use hvp='reverse' or drop cuda_graph"
+                )
+        self.cuda_graph = cuda_graph
+        self.hvp = hvp
         self.rng = ForwardRNG([self.device])
         self.progress = progress
         self.desc = desc
         self.acc_dtype = acc_dtype
         self.block_index_t = list(layout.block_index)
+        self.columns = Columns(layout)
         param_bytes = sum(t.numel() * t.element_size() for t in layout.tensors)
         budget = max_memory if max_memory is not None else default_memory_budget(self.device)
         # A batched HVP row holds the probe, the product and about six more P-sized
         # intermediates of the double-backward / forward-mode pass.
         self.max_rows = probe_batch or int(max(1, min(32, budget // max(1, 8 * param_bytes))))
+        self.seq_rows = min(self.max_rows, self.SEQUENTIAL_ROWS)
         self.chosen: str | None = None
         self.last_hvp_seconds: float | None = None
+        self.graph_replays = 0
+        # flat (R, P) probe / product buffers reused chunk after chunk: a fresh multi-MB CPU
+        # allocation per chunk costs page faults comparable to a small model's HVP
+        self._scratch: dict[tuple[str, int], _Flat] = {}
+        self._side_stream = None
+        self._support_cache: dict[tuple, list] = {}
+
+    def _buffer(self, what: str, R: int) -> _Flat:
+        buf = self._scratch.get((what, R))
+        if buf is None:
+            cols = self.columns
+            buf = _Flat(torch.empty((R, cols.P), dtype=cols.dtype, device=cols.device), cols)
+            self._scratch[(what, R)] = buf
+        return buf
 
     # ------------------------------------------------------------------ probes
     def make_probes(self, ks: list[int], gs: list[int], group_of_tensor: list[int]) -> list[torch.Tensor]:
         """Per-tensor probe rows ``(R, *shape)``: z^(k) on the row's group, 0 elsewhere."""
+        return self._probe_rows(ks, gs, group_of_tensor)[1]
+
+    def _probe_rows(self, ks, gs, group_of_tensor, out: _Flat | None = None):
+        """``(flat or None, per-tensor views)``; fills the buffer ``out`` when given."""
+        cols = self.columns
+        if not cols.uniform:
+            return None, self._probe_rows_per_tensor(ks, gs, group_of_tensor)
+        R = len(ks)
+        groups = sorted(set(gs))
+        members = {g: [j for j, gj in enumerate(group_of_tensor) if gj == g] for g in groups}
+        full = len(groups) == 1 and len(members[groups[0]]) == len(group_of_tensor)
+        if out is None:
+            alloc = torch.empty if full else torch.zeros
+            buf = alloc((R, cols.P), dtype=cols.dtype, device=cols.device)
+        else:
+            buf = out.buf
+            if not full:
+                buf.zero_()
+        for g in groups:
+            runs = cols.runs(members[g])
+            for r0, rows, k0 in _row_runs(ks, gs, g):
+                for c0, c1, off in runs:
+                    ops.fill_probes_(buf[r0 : r0 + rows, c0:c1], self.seed, k0, off, self.kind)
+        return buf, (cols.views(buf) if out is None else out.views)
+
+    def _probe_rows_per_tensor(self, ks, gs, group_of_tensor) -> list[torch.Tensor]:
+        """Mixed parameter dtypes: one buffer per tensor."""
         R = len(ks)
         out = []
         for j, t in enumerate(self.layout.tensors):
             gj = group_of_tensor[j]
             n = t.numel()
             off = self.layout.offsets[j]
-            sel = [r for r in range(R) if gs[r] == gj]
-            if len(sel) == R:
-                buf = torch.empty((R, n), dtype=t.dtype, device=t.device)
-            else:
-                buf = torch.zeros((R, n), dtype=t.dtype, device=t.device)
-            # runs of adjacent rows with consecutive probe indices -> one kernel call each
-            i = 0
-            while i < len(sel):
-                r0 = sel[i]
-                e = i
-                while e + 1 < len(sel) and sel[e + 1] == sel[e] + 1 and ks[sel[e + 1]] == ks[sel[e]] + 1:
-                    e += 1
-                rows = sel[e] - r0 + 1
-                ops.fill_probes_(buf[r0 : r0 + rows], self.seed, ks[r0], off, self.kind)
-                i = e + 1
+            alloc = torch.empty if all(g == gj for g in gs) else torch.zeros
+            buf = alloc((R, n), dtype=t.dtype, device=t.device)
+            for r0, rows, k0 in _row_runs(ks, gs, gj):
+                ops.fill_probes_(buf[r0 : r0 + rows], self.seed, k0, off, self.kind)
             out.append(buf.view((R,) + tuple(t.shape)))
         return out
 
     # ------------------------------------------------------------------ chunks
     def _row_chunks(self, probe_indices: list[int], plan: ProbePlan, max_rows: int):
-        """Yield (ks, gs) chunks: consecutive probe indices x all groups, group-major."""
+        """Yield (ks, gs) chunks of at most ``max_rows`` consecutive probe indices of ONE group.
+
+        One group per chunk lets the reverse backbones seed the double backward with that
+        group's gradients only (:meth:`ReverseHVP.hvp` ``support``), which halves the cost of
+        block-supported rows on typical nets; mixing groups in a chunk would seed them all.
+        """
         G = plan.num_groups
-        if G <= max_rows:
-            per = max(1, max_rows // G)
-            for s in range(0, len(probe_indices), per):
-                kc = probe_indices[s : s + per]
-                yield [k for _ in range(G) for k in kc], [g for g in range(G) for _ in kc]
-        else:
-            for k in probe_indices:
-                for s in range(0, G, max_rows):
-                    gsub = list(range(s, min(G, s + max_rows)))
-                    yield [k] * len(gsub), gsub
+        for s in range(0, len(probe_indices), max_rows):
+            kc = list(probe_indices[s : s + max_rows])
+            for g in range(G):
+                yield list(kc), [g] * len(kc)
 
     # ------------------------------------------------------------------ one chunk
-    def _evaluate(self, bb: HVPBackbone, ks, gs, group_of_tensor, plan: ProbePlan, batch_index, weight, sinks):
-        z = self.make_probes(ks, gs, group_of_tensor)
+    def _products(self, bb: HVPBackbone, z: list[torch.Tensor], w_out: _Flat | None = None, z_rows=None,
+                  supports=None):
+        """``(w per tensor (R, *shape), w_flat or None)`` for probe rows ``z`` (``z_rows[r]``:
+        row ``r`` of every tensor, when the caller has them cached). ``supports[r]``: the
+        tensors where row ``r``'s probe is nonzero (None: all), passed to backbones that
+        prune the HVP with it."""
+        def hvp(vs, sup):
+            if sup is not None and bb.accepts_support:
+                return bb.hvp(vs, support=sup)
+            return bb.hvp(vs)
+
+        R = z[0].shape[0]
+        if supports is None:
+            supports = [None] * R
         if bb.batched:
-            w = bb.hvp(z)
-        else:
-            w_rows = [bb.hvp([zj[r] for zj in z]) for r in range(len(ks))]
-            w = [torch.stack([wr[j] for wr in w_rows]) for j in range(len(z))]
+            union = None
+            if all(sp is not None for sp in supports):
+                union = sorted(set().union(*supports))
+            return hvp(z, union), None
+        row = (lambda r: z_rows[r]) if z_rows is not None else (lambda r: [zj[r] for zj in z])
+        if R == 1:
+            return [h.unsqueeze(0) for h in hvp(row(0), supports[0])], None
+        cols = self.columns
+        if cols.uniform:
+            wo = w_out if w_out is not None else _Flat(
+                torch.empty((R, cols.P), dtype=cols.dtype, device=cols.device), cols)
+            for r in range(R):
+                torch._foreach_copy_(wo.rows[r], hvp(row(r), supports[r]))
+            return wo.views, wo.buf
+        w_rows = [hvp(row(r), supports[r]) for r in range(R)]
+        return [torch.stack([wr[j] for wr in w_rows]) for j in range(len(z))], None
+
+    def _supports(self, gs, group_of_tensor):
+        """Per row: the tensors of the row's group, or None when the group holds every tensor."""
+        key = (tuple(gs), tuple(group_of_tensor))
+        hit = self._support_cache.get(key)
+        if hit is None:
+            members = {}
+            for g in set(gs):
+                m = [j for j, gj in enumerate(group_of_tensor) if gj == g]
+                members[g] = None if len(m) == len(group_of_tensor) else m
+            hit = self._support_cache[key] = [members[g] for g in gs]
+        return hit
+
+    def _reduce(self, w, z):
         L = self.layout.num_blocks
-        if plan.num_groups == 1:
-            dots, sq = ops.block_dot_regen(
-                w, self.layout.offsets, self.block_index_t, L,
-                seed=self.seed, probe=ks[0], kind=self.kind, batched=True, acc_dtype=self.acc_dtype,
-            ) if _consecutive(ks) else ops.block_dot(w, z, self.block_index_t, L, batched=True, acc_dtype=self.acc_dtype)
-        else:
-            dots, sq = ops.block_dot(w, z, self.block_index_t, L, batched=True, acc_dtype=self.acc_dtype)
-        rb = RowBatch(batch_index, weight, list(ks), list(gs), z, w, dots, sq)
+        return ops.block_dot(w, z, self.block_index_t, L, batched=True, acc_dtype=self.acc_dtype)
+
+    def _evaluate(self, bb: HVPBackbone, ks, gs, group_of_tensor, plan: ProbePlan, batch_index, weight, sinks):
+        R = len(ks)
+        zbuf = self._buffer("z", R) if self.columns.uniform else None
+        zf, z = self._probe_rows(ks, gs, group_of_tensor, out=zbuf)
+        wbuf = self._buffer("w", R) if (self.columns.uniform and not bb.batched and R > 1) else None
+        w, wf = self._products(bb, z, wbuf, zbuf.rows if zbuf is not None else None,
+                               self._supports(gs, group_of_tensor))
+        # z is in memory already: reading it is cheaper than regenerating it (Philox is
+        # the bottleneck of the CPU kernels), and both give the same bits
+        dots, sq = self._reduce(w, z)
+        rb = RowBatch(batch_index, weight, list(ks), list(gs), z, w, dots, sq, zf, wf)
         for s in sinks:
             s.on_rows(rb)
         return len(ks), (len(ks) if not bb.batched else 1)
@@ -240,7 +423,7 @@ class ProbeRunner:
                 total_count += batch.count
                 self.rng.start_batch()
                 chunks = list(self._row_chunks(probe_indices, plan, self.max_rows))
-                seq_chunks = [c for (ks, gs) in chunks for c in _split_rows(ks, gs)]
+                seq_chunks = [c for (ks, gs) in chunks for c in _rechunk(ks, gs, self.seq_rows)]
                 if self.hvp == "auto" and self.chosen is None:
                     seq_chunks, chunks, done_h = self._auto_first_batch(
                         batch, m, chunks, plan, group_of_tensor, sinks, prog, timings
@@ -250,13 +433,16 @@ class ProbeRunner:
                 elif self.hvp != "auto":
                     self.chosen = self.hvp
                 bb = make_backbone(self.chosen, self.model, names, tensors, self.rng)
-                bb.prepare(batch)
                 todo = chunks if bb.batched else seq_chunks
-                for ks, gs in todo:
-                    rows, h = self._evaluate(bb, ks, gs, group_of_tensor, plan, m, batch.weight, sinks)
-                    hvps += h
-                    prog.update(rows)
-                bb.release()
+                if self.cuda_graph:
+                    hvps += self._run_graphed(bb, batch, todo, group_of_tensor, plan, m, sinks, prog)
+                else:
+                    bb.prepare(batch)
+                    for ks, gs in todo:
+                        rows, h = self._evaluate(bb, ks, gs, group_of_tensor, plan, m, batch.weight, sinks)
+                        hvps += h
+                        prog.update(rows)
+                    bb.release()
                 self.rng.end_batch()
                 for s in sinks:
                     s.on_batch_end(m, batch.weight)
@@ -264,6 +450,8 @@ class ProbeRunner:
             prog.close()
         for s in sinks:
             s.finish(total_count)
+        if self.cuda_graph:
+            timings["cuda_graph_replays"] = self.graph_replays
         return RunInfo(
             backbone=chosen_name if chosen_name != "auto" else str(self.chosen),
             backend=ops.backend_name(self.device),
@@ -274,6 +462,95 @@ class ProbeRunner:
             seconds=time.perf_counter() - t_start,
             timings=timings,
         )
+
+    # ------------------------------------------------------------------ CUDA graphs
+    #: most distinct chunk shapes (row count, group) captured per batch; others run eagerly.
+    #: The graphs of a batch share one memory pool (they are replayed one after another).
+    MAX_GRAPHS = 64
+
+    def _run_graphed(self, bb: HVPBackbone, batch, todo, group_of_tensor, plan, m, sinks, prog) -> int:
+        """One batch with the chunk step (HVPs + reduction) captured once per chunk shape and replayed.
+
+        Everything runs on a side stream (the first-order graph too: autograd runs each
+        backward op on the stream of its forward op, and the capture stream must see them).
+        The first two chunks run eagerly (warm-up; their products are used). A chunk shape
+        (its row count and groups) met at least twice more is captured (up to
+        :attr:`MAX_GRAPHS` shapes); the capture itself runs no kernel, so the captured chunk is
+        replayed like every later chunk of its shape. Other chunks run eagerly.
+        """
+        device = self.device
+        main = torch.cuda.current_stream(device)
+        if self._side_stream is None:
+            # one side stream per runner: the reused scratch buffers stay on one stream
+            self._side_stream = torch.cuda.Stream(device)
+        side = self._side_stream
+        side.wait_stream(main)
+        hvps = 0
+        graphs: dict[tuple, tuple] = {}
+        pool = None
+        left = Counter((len(ks), tuple(gs)) for ks, gs in todo[2:])
+        failed = False
+        try:
+            with torch.cuda.stream(side):
+                bb.prepare(batch)
+                for i, (ks, gs) in enumerate(todo):
+                    key = (len(ks), tuple(gs))
+                    entry = graphs.get(key)
+                    if entry is None and i >= 2 and not failed and left[key] >= 2 and len(graphs) < self.MAX_GRAPHS:
+                        try:
+                            if pool is None:
+                                pool = torch.cuda.graph_pool_handle()
+                            entry = graphs[key] = self._capture(bb, ks, gs, group_of_tensor, pool)
+                        except RuntimeError as exc:  # an op that cannot be captured
+                            failed = True
+                            warnings.warn(
+                                f"CUDA graph capture failed ({str(exc).splitlines()[0]}); the probes of this "
+                                "batch run without graphs. Use cuda_graph=False to silence this.",
+                                RuntimeWarning, stacklevel=4,
+                            )
+                    left[key] -= 1
+                    if entry is None:
+                        rows, h = self._evaluate(bb, ks, gs, group_of_tensor, plan, m, batch.weight, sinks)
+                    else:
+                        graph, (zfl, z, w, wf, dots, sq) = entry
+                        zf = zfl.buf if zfl is not None else None
+                        # eager: the probe index is a kernel argument, a replay would freeze it
+                        if zfl is not None:
+                            self._probe_rows(ks, gs, group_of_tensor, out=zfl)
+                        else:
+                            torch._foreach_copy_(z, self._probe_rows(ks, gs, group_of_tensor)[1])
+                        graph.replay()
+                        self.graph_replays += 1
+                        rb = RowBatch(m, batch.weight, list(ks), list(gs), z, w, dots, sq, zf, wf)
+                        for s in sinks:
+                            s.on_rows(rb)
+                        rows, h = len(ks), (len(ks) if not bb.batched else 1)
+                    hvps += h
+                    prog.update(rows)
+                bb.release()
+            main.wait_stream(side)
+        finally:
+            graphs.clear()
+        return hvps
+
+    def _capture(self, bb: HVPBackbone, ks, gs, group_of_tensor, pool=None):
+        """Capture ``z -> (w, dots, sq)`` for rows shaped like ``(ks, gs)`` into a CUDA graph."""
+        cols = self.columns
+        R = len(ks)
+        if cols.uniform:
+            zfl = _Flat(torch.zeros((R, cols.P), dtype=cols.dtype, device=cols.device), cols)
+            z, z_rows = zfl.views, zfl.rows
+        else:
+            zfl, z_rows = None, None
+            z = [torch.zeros((R,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in self.layout.tensors]
+        w_out = None
+        if not bb.batched and R > 1 and cols.uniform:
+            w_out = _Flat(torch.empty((R, cols.P), dtype=cols.dtype, device=cols.device), cols)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.current_stream(self.device)):
+            w, wf = self._products(bb, z, w_out, z_rows, self._supports(gs, group_of_tensor))
+            dots, sq = self._reduce(w, z)
+        return graph, (zfl, z, w, wf, dots, sq)
 
     def _auto_first_batch(self, batch, m, chunks, plan, group_of_tensor, sinks, prog, timings):
         """Time each untimed backbone on real rows of the first batch; keep the fastest.
@@ -320,9 +597,26 @@ class ProbeRunner:
         timings["chosen"] = self.chosen
         # regroup what is left: consecutive probe indices of one group stay together
         pending = _regroup(rows_left)
-        seq = [([k], [g]) for k, g in rows_left]
+        seq = [c for (ks, gs) in pending for c in _rechunk(ks, gs, self.seq_rows)]
         rechunked = [c for (ks, gs) in pending for c in _rechunk(ks, gs, self.max_rows)]
         return seq, rechunked, hvps
+
+
+def _row_runs(ks, gs, g):
+    """``(first row, rows, first probe)`` for runs of adjacent rows of group ``g`` whose
+    probe indices are consecutive: each run is one probe kernel call per column run."""
+    out = []
+    r, R = 0, len(ks)
+    while r < R:
+        if gs[r] != g:
+            r += 1
+            continue
+        e = r
+        while e + 1 < R and gs[e + 1] == g and ks[e + 1] == ks[e] + 1:
+            e += 1
+        out.append((r, e - r + 1, ks[r]))
+        r = e + 1
+    return out
 
 
 def _regroup(rows):
@@ -334,14 +628,6 @@ def _regroup(rows):
         else:
             out.append(([k], [g]))
     return out
-
-
-def _consecutive(ks: list[int]) -> bool:
-    return all(b == a + 1 for a, b in zip(ks, ks[1:]))
-
-
-def _split_rows(ks, gs):
-    return [([k], [g]) for k, g in zip(ks, gs)]
 
 
 def _rechunk(ks, gs, max_rows):

@@ -163,8 +163,8 @@ class PairwiseSink(Sink):
     """Pairwise U-statistic variances per block (and for the total), computed in rounds.
 
     Probes are processed in rounds of ``round_size`` consecutive indices; inside a round the
-    products ``w`` are kept (``round_size x P`` memory) and the probes regenerated (one kernel
-    call per tensor). The U-statistic is assembled from per-tensor pieces, which add up over
+    products ``w`` (and, in single-batch mode, the probes ``z``) are kept (``round_size x P``
+    memory each). The U-statistic is assembled from per-tensor pieces, which add up over
     the disjoint coordinates of a block or a group::
 
         M_j = W_j Z_j^T,   s_j = ||sum_k D_j^(k)||^2,   q_j = sum_k ||D_j^(k)||^2,   e_j = sum_k ||W_j^(k)||^2
@@ -177,14 +177,20 @@ class PairwiseSink(Sink):
     variance term of the full one at a fraction of its ``O(K^2 P)`` cost. Everything stays on
     the device (no host synchronisation).
 
-    In single-batch mode rounds are evaluated as soon as they are complete. With
-    ``accumulate=True`` (dataset mode) every row's ``sum_m weight_m w_m`` is kept across
-    batches and everything is evaluated in :meth:`finish`, after division by the sample
-    count; the row energies ``||w_b||^2`` of the dataset-mean product then become available.
+    Single-batch mode keeps the rows in the model's dtype, copied whole from the engine's
+    flat buffers (the probe is the one the HVP used, so it is never regenerated), takes
+    ``e`` from the fused reduction's ``||w_b||^2`` and, for Rademacher probes, ``q = e``
+    (``z_i^2 = 1``); the float64 products happen per tensor at the end of a round. With
+    ``accumulate=True`` (dataset mode) every row's ``sum_m weight_m w_m`` is kept in float64
+    across batches and everything is evaluated in :meth:`finish`, after division by the
+    sample count, with the probes regenerated; the row energies ``||w_b||^2`` of the
+    dataset-mean product then become available.
     """
 
     def __init__(self, layout: BlockLayout, plan: ProbePlan, seed: int, kind: str, round_size: int,
                  first_k: int = 0, accumulate: bool = False):
+        from .engine import Columns
+
         self.layout = layout
         self.seed = seed
         self.kind = kind
@@ -198,6 +204,11 @@ class PairwiseSink(Sink):
         dev = layout.device()
         self._block_of_tensor = torch.tensor(layout.block_index, dtype=torch.int64, device=dev)
         self._group_index = torch.tensor(self.group_of_tensor, dtype=torch.int64, device=dev)
+        self._group_of_block = torch.tensor(gob, dtype=torch.int64, device=dev)
+        masks = torch.zeros((self.G, L), dtype=torch.float64)
+        for b, g in enumerate(gob):
+            masks[g, b] = 1.0
+        self._masks = masks.to(dev)
         self._rounds: dict[int, dict] = {}
         self._sum_block = torch.zeros(L, dtype=torch.float64, device=dev)
         self._sum_group = torch.zeros(self.G, dtype=torch.float64, device=dev)
@@ -206,10 +217,29 @@ class PairwiseSink(Sink):
         self._pairs = 0.0
         self.accumulate = accumulate
         self._scale = 1.0
+        self._cols = Columns(layout)
+        self._fast = not accumulate and self._cols.uniform
+        self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # per-tensor products of a round: float64 for float64 models, float32 otherwise (the
+        # rows are float32-exact products; the R x R and length-n results are summed in
+        # float64). Their rounding (~1e-7 relative) is far below the estimator's own spread.
+        self._work_dtype = torch.float64 if self._cols.dtype == torch.float64 else torch.float32
+        # column runs of each group's tensors: one copy per run of a row chunk
+        self._col_runs = [[(c0, c1) for c0, c1, _ in self._cols.runs(m)] for m in self.tensors_of_group]
 
     def _round(self, rnd: int) -> dict:
         if rnd not in self._rounds:
-            self._rounds[rnd] = {"w": [None] * len(self.layout.tensors), "rows": set()}
+            st = {"w": [None] * len(self.layout.tensors), "rows": set()}
+            if self._fast:
+                cols = self._cols
+                if self._pool:  # buffers of a flushed round: every row is overwritten before use
+                    st["W"], st["Z"] = self._pool.pop()
+                else:
+                    shape = (self.round_size, cols.P)
+                    st["W"] = torch.zeros(shape, dtype=cols.dtype, device=cols.device)
+                    st["Z"] = torch.zeros(shape, dtype=cols.dtype, device=cols.device)
+                st["E"] = torch.zeros(self.layout.num_blocks, dtype=torch.float64, device=cols.device)
+            self._rounds[rnd] = st
         return self._rounds[rnd]
 
     def on_rows(self, rb: RowBatch) -> None:
@@ -225,21 +255,41 @@ class PairwiseSink(Sink):
             state = self._round(rnd)
             base = self.first_k + rnd * self.round_size
             sl = slice(k0 - base, k0 - base + e - r + 1)
-            for j in self.tensors_of_group[g]:
-                src = rb.w[j][r : e + 1].detach().reshape(e - r + 1, -1)
-                buf = state["w"][j]
-                if buf is None:
-                    buf = torch.zeros((self.round_size, src.shape[1]), dtype=torch.float64, device=src.device)
-                    state["w"][j] = buf
-                buf[sl].add_(src, alpha=rb.weight)
+            if self._fast:
+                self._keep_rows(state, rb, g, r, e + 1, sl)
+            else:
+                for j in self.tensors_of_group[g]:
+                    src = rb.w[j][r : e + 1].detach().reshape(e - r + 1, -1)
+                    buf = state["w"][j]
+                    if buf is None:
+                        buf = torch.zeros((self.round_size, src.shape[1]), dtype=torch.float64, device=src.device)
+                        state["w"][j] = buf
+                    buf[sl].add_(src, alpha=rb.weight)
             state["rows"].update((k, g) for k in range(k0, k0 + e - r + 1))
             if not self.accumulate and len(state["rows"]) == self.round_size * self.G:
                 self._flush(rnd)
             r = e + 1
 
-    def _flush(self, rnd: int) -> None:
-        from . import ops
+    def _keep_rows(self, state: dict, rb: RowBatch, g: int, r0: int, r1: int, sl: slice) -> None:
+        """Copy rows ``r0:r1`` of group ``g`` (its tensors' columns) into the round buffers."""
+        cols = self._cols
+        W, Z = state["W"], state["Z"]
+        for c0, c1 in self._col_runs[g]:
+            for dst, flat, parts in ((W, rb.w_flat, rb.w), (Z, rb.z_flat, rb.z)):
+                if flat is not None:
+                    dst[sl, c0:c1].copy_(flat[r0:r1, c0:c1].detach())
+                else:  # per-tensor rows (batched backbones, single rows)
+                    for j in self.tensors_of_group[g]:
+                        c = cols.cols[j]
+                        if c0 <= c < c1:
+                            dst[sl, c : c + cols.numel[j]].copy_(parts[j][r0:r1].detach().reshape(r1 - r0, -1))
+        if rb.weight != 1.0:
+            for c0, c1 in self._col_runs[g]:
+                W[sl, c0:c1].mul_(rb.weight)
+        # ||w_b||^2 of the group's blocks, from the fused reduction
+        state["E"].add_(rb.sq[r0:r1].detach().sum(0) * self._masks[g], alpha=rb.weight**2)
 
+    def _flush(self, rnd: int) -> None:
         state = self._rounds.pop(rnd, None)
         if state is None:
             return
@@ -249,37 +299,75 @@ class PairwiseSink(Sink):
             return
         base = self.first_k + rnd * self.round_size
         lo = ks[0] - base
+        if self._fast:
+            Ms, s2, q2 = self._pieces_kept(state, lo, R)
+            E_block = state["E"]
+            self._pool.append((state["W"], state["Z"]))
+        else:
+            Ms, s2, q2, en = self._pieces_regenerated(state, ks[0], lo, R)
+            E_block = torch.zeros(self.layout.num_blocks, dtype=torch.float64,
+                                  device=self._block_of_tensor.device).index_add_(0, self._block_of_tensor, en)
+        L = self.layout.num_blocks
+        pairs = R * (R - 1)
+        mu = MU4[self.kind] - 3
+        M_t, s_t = torch.stack(Ms), torch.stack(s2)
+        q_t = torch.stack(q2) if q2 else None
+
+        def reduce(index, n, E):
+            dev = index.device
+            M = torch.zeros((n, R, R), dtype=torch.float64, device=dev).index_add_(0, index, M_t)
+            S = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, index, s_t)
+            # Rademacher: q = sum_k ||z o w||^2 = sum_k ||w||^2 = E
+            Q = E if q_t is None else torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, index, q_t)
+            diag = torch.diagonal(M, dim1=1, dim2=2)
+            frob2 = ((M * M.transpose(1, 2)).sum((1, 2)) - (diag**2).sum(1)) / pairs
+            diag2 = (S - Q) / pairs
+            return E / R + frob2 + mu * diag2
+
+        E_group = torch.zeros(self.G, dtype=torch.float64, device=E_block.device).index_add_(
+            0, self._group_of_block, E_block)
+        vb = reduce(self._block_of_tensor, L, E_block)
+        vg = reduce(self._group_index, self.G, E_group)
+        self._sum_block += vb * pairs
+        self._sum_group += vg * pairs
+        self._energy += E_block
+        self._pairs += pairs
+        self._energy_n += R
+
+    def _pieces_kept(self, state: dict, lo: int, R: int):
+        """Per-tensor ``M_j``, ``s_j`` (and ``q_j`` for Gaussian probes) from the kept rows."""
+        cols = self._cols
+        wd = self._work_dtype
+        W, Z = state["W"][lo : lo + R], state["Z"][lo : lo + R]
+        rademacher = self.kind == "rademacher"
+        Ms, s2, q2 = [], [], []
+        for c, n in zip(cols.cols, cols.numel):
+            Wj = W[:, c : c + n].to(wd)
+            Zj = Z[:, c : c + n].to(wd)
+            Ms.append((Wj @ Zj.T).to(torch.float64))
+            D = Wj * Zj
+            Dsum = D.sum(0).to(torch.float64)
+            s2.append(torch.dot(Dsum, Dsum))
+            if not rademacher:
+                D = D.reshape(-1).to(torch.float64)
+                q2.append(torch.dot(D, D))
+        return Ms, s2, q2
+
+    def _pieces_regenerated(self, state: dict, k0: int, lo: int, R: int):
+        """Dataset mode: per-tensor pieces from the accumulated float64 rows, probes regenerated."""
+        from . import ops
+
         Ms, s2, q2, en = [], [], [], []
         for j, t in enumerate(self.layout.tensors):
             W = state["w"][j][lo : lo + R] * self._scale
-            Z = ops.probes(self.seed, ks[0], self.layout.offsets[j], t.numel(), num_probes=R, kind=self.kind,
+            Z = ops.probes(self.seed, k0, self.layout.offsets[j], t.numel(), num_probes=R, kind=self.kind,
                            dtype=torch.float64, device=W.device)
             D = Z * W
             Ms.append(W @ Z.T)
             s2.append((D.sum(0) ** 2).sum())
             q2.append((D * D).sum())
             en.append((W * W).sum())
-        L = self.layout.num_blocks
-        pairs = R * (R - 1)
-        mu = MU4[self.kind] - 3
-
-        def reduce(index, n):
-            M = torch.zeros((n, R, R), dtype=torch.float64, device=index.device).index_add_(0, index, torch.stack(Ms))
-            S = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(0, index, torch.stack(s2))
-            Q = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(0, index, torch.stack(q2))
-            E = torch.zeros(n, dtype=torch.float64, device=index.device).index_add_(0, index, torch.stack(en))
-            diag = torch.diagonal(M, dim1=1, dim2=2)
-            frob2 = ((M * M.transpose(1, 2)).sum((1, 2)) - (diag**2).sum(1)) / pairs
-            diag2 = (S - Q) / pairs
-            return E / R + frob2 + mu * diag2, E / R
-
-        vb, eb = reduce(self._block_of_tensor, L)
-        vg, _ = reduce(self._group_index, self.G)
-        self._sum_block += vb * pairs
-        self._sum_group += vg * pairs
-        self._energy += eb * R
-        self._pairs += pairs
-        self._energy_n += R
+        return Ms, s2, q2, torch.stack(en)
 
     def finish(self, total_count: float) -> None:
         if self.accumulate:
