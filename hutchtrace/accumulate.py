@@ -32,6 +32,13 @@ __all__ = ["SampleSink", "Segment", "combine", "build_estimates"]
 class SampleSink(Sink):
     """Accumulates per-probe block samples ``t_b^(k)`` and row energies ``||(Hz)_b||^2``.
 
+    The row energy is split by where the probe lived: ``energy[k, b] = sum_g ||(H z_g)_b||^2``
+    over all groups g of the plan, an unbiased estimate of ``||H_{b,:}||_F^2``; ``own[k, b]``
+    keeps the term of b's own group, ``||(H z_{g(b)})_b||^2``, unbiased for
+    ``sum_{c in g(b)} ||H_bc||_F^2``. Their difference measures the coupling of b to the
+    blocks outside its group, which a global probe would add to b's variance
+    (:meth:`Segment.cross_energy`).
+
     In single-batch mode every probe is complete once all its groups have been seen and
     goes straight into the on-device Welford state (columns: L blocks + the total). In
     dataset mode samples are sums over batches and enter the state at :meth:`finish`.
@@ -45,6 +52,7 @@ class SampleSink(Sink):
         self.first_k = first_k
         self.samples = torch.zeros((K, L), dtype=torch.float64, device=dev)
         self.energy = torch.zeros((K, L), dtype=torch.float64, device=dev)
+        self.own = torch.zeros((K, L), dtype=torch.float64, device=dev)
         masks = torch.zeros((plan.num_groups, L), dtype=torch.float64)
         for g, members in enumerate(plan.groups):
             masks[g, list(members)] = 1.0
@@ -71,6 +79,7 @@ class SampleSink(Sink):
             sl = slice(k0, k0 + n)
             self.samples[sl].add_(rb.dots[r : e + 1] * self.masks[rb.gs[r]], alpha=rb.weight)
             self.energy[sl].add_(rb.sq[r : e + 1], alpha=rb.weight**2)
+            self.own[sl].add_(rb.sq[r : e + 1] * self.masks[rb.gs[r]], alpha=rb.weight**2)
             if self.single_batch:
                 for k in range(k0, k0 + n):
                     self.seen[k] += 1
@@ -94,6 +103,7 @@ class SampleSink(Sink):
             total_count = self.reducer(self, total_count)
         self.samples /= total_count
         self.energy /= total_count**2
+        self.own /= total_count**2
         self.state.update(torch.cat([self.samples, self.samples.sum(1, keepdim=True)], 1))
 
 
@@ -106,6 +116,7 @@ class Segment:
         self.first_probe = first_probe
         self.samples: list[torch.Tensor] = []
         self.energy: list[torch.Tensor] = []
+        self.own: list[torch.Tensor] = []
         self.energy_valid = True
         self.state = WelfordState.zeros(L + 1, device=device)
         self.global_count: float | None = None  # set under data parallelism
@@ -114,6 +125,7 @@ class Segment:
         self.global_count = getattr(sink, "global_count", self.global_count)
         self.samples.append(sink.samples)
         self.energy.append(sink.energy)
+        self.own.append(sink.own)
         self.energy_valid &= sink.energy_valid
         self.state.merge(sink.state)  # Chan's merge of the round into the segment
 
@@ -124,6 +136,20 @@ class Segment:
     @property
     def next_probe(self) -> int:
         return self.first_probe + self.K
+
+    def cross_energy(self) -> torch.Tensor | None:
+        """Per block, the mean of ``||(H z_g)_b||^2`` over the groups g other than b's own:
+        unbiased for ``X_b = sum_{c not in g(b)} ||H_bc||_F^2`` ((L,), on the CPU), or None
+        when the row energies are not valid (several batches).
+
+        It is what a global probe adds to b's per-probe variance under this plan (SPEC
+        section 6: ``V_global,b = V_plan,b + X_b``), so the current plan's measured variance
+        predicts the global scheme's without running it.
+        """
+        if not self.energy_valid or not self.samples:
+            return None
+        cross = torch.cat(self.energy) - torch.cat(self.own)
+        return cross.mean(0).cpu()
 
     def variances(self):
         """Per-probe ``(used, sample, pairwise or None)`` variances, (L+1,) each, on the CPU."""

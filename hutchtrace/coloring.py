@@ -24,10 +24,14 @@ G (``probing="colored", groups=G``) takes the smallest ``lam`` whose first fit n
 G groups (bisection).
 
 Couplings measured from a few probes are noisy, so the pilot's ``F`` enters as an upper
-confidence bound (mean + 2 SE), and with adaptive stopping ``auto`` validates its choice:
-after the first round it compares the plan's *measured* cost ``G max_b w_b V_b`` with the
-isolated plan's measured cost ``L max_b w_b V0_b`` (both from pairwise variances and the
-pooled traces) and keeps the cheaper.
+confidence bound (mean + 2 SE), which makes ``global`` look worse than it is when L is
+large and the pilot short. With adaptive stopping ``auto`` therefore re-validates its
+choice after every round from *measured* quantities (``estimator._revalidate``): the plan's
+cost ``G max_b w_b V_b``, the isolated plan's ``L max_b w_b V0_b`` and the global plan's
+``max_b w_b (V_b + X_b)``, where ``X_b``, the mean of ``||(H z_g)_b||^2`` over the groups
+g other than b's own, is unbiased for exactly the couplings a global probe would add to
+b's variance (no per-pair estimate needed). It moves to a scheme not tried before when
+that costs less than 0.8x the current plan.
 
 The ingredients come from a short *pilot* with block-supported probes (the isolated plan):
 row ``(k, c)`` gives ``w = H z_c``, so ``||w_b||^2`` is an unbiased sample of ``F_bc`` for

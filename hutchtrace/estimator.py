@@ -32,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._validate import PROBE_KINDS, check_level, check_model, check_probe_kind, draw_seed, resolve_seed
 from .accumulate import SampleSink, Segment, build_estimates, combine, target_met
 from .blocks import resolve_blocks, unwrap_model
 from .engine import ProbeRunner, check_probe_count
@@ -44,23 +45,8 @@ from .variance import PairwiseSink
 
 __all__ = ["block_traces", "draw_seed", "SampleSink", "PROBE_KINDS"]
 
-PROBE_KINDS = ("rademacher", "gaussian")
-
-
-def draw_seed() -> int:
-    """A fresh 63-bit seed from OS entropy, via a private ``torch.Generator`` (never the global RNG)."""
-    g = torch.Generator()
-    return int(g.seed()) & ((1 << 63) - 1)
-
-
 PROBINGS = ("global", "isolated", "colored", "auto")
 VARIANCES = ("auto", "pairwise", "sample")
-
-
-def _check_probe_kind(probe: str) -> str:
-    if probe not in PROBE_KINDS:
-        raise ValueError(f"probe must be one of {PROBE_KINDS}, got {probe!r}")
-    return probe
 
 
 def _fixed_plan(probing, L: int) -> ProbePlan | None:
@@ -97,6 +83,47 @@ def _choose(probing, groups, pilot, rtol, atol, L) -> tuple[ProbePlan, dict]:
     return ProbePlan("colored", tuple(tuple(g) for g in parts)), {len(parts): predicted_cost(pilot.F, v0, parts, w)}
 
 
+#: ``auto`` leaves its plan only for one predicted to be this much cheaper: the measured
+#: costs are themselves noisy, and a switch restarts the variance estimate
+SWITCH_MARGIN = 0.8
+
+
+def _revalidate(seg, comb, pilot, rtol, atol, L, tried, energy_ok=True):
+    """``(plan to switch to or None, measured costs)`` for ``probing="auto"`` after a round.
+
+    Costs are in HVP rows to the target, ``G max_b w_b V_b`` (see :mod:`hutchtrace.coloring`),
+    all from measured quantities rather than the pilot's coupling bounds:
+
+    * the current plan: ``G`` times its measured per-probe variances;
+    * ``isolated``: ``L`` times the pilot's isolated variances ``v0`` (measured);
+    * ``global``: ``V_plan,b + X_b``, with ``X_b`` the current plan's cross energy
+      (:meth:`~hutchtrace.accumulate.Segment.cross_energy`, unbiased for the couplings a
+      global probe adds). Only when row energies are valid (one batch, one process: every
+      rank must take the same decision).
+
+    A candidate not tried before replaces the plan when it costs less than
+    :data:`SWITCH_MARGIN` times the current one.
+    """
+    from .coloring import _weights
+
+    w = _weights(comb["mean"][:-1], rtol, atol, torch.sqrt(comb["var_mean"][:-1].clamp_min(0)))
+    v_plan = seg.variances()[0][:-1].clamp_min(0)
+    cost_plan = seg.plan.num_groups * float((w * v_plan).max())
+    measured = {"measured_plan": cost_plan}
+    candidates = {}
+    if seg.plan.name != "isolated":
+        candidates["isolated"] = (isolated_plan(L), L * float((w * pilot.v0.clamp_min(0)).max()))
+    cross = seg.cross_energy() if energy_ok else None
+    if seg.plan.name != "global" and cross is not None:
+        candidates["global"] = (global_plan(L), float((w * (v_plan + cross.clamp_min(0))).max()))
+    for name, (_, c) in candidates.items():
+        measured[f"measured_{name}"] = c
+    open_ = {n: pc for n, pc in candidates.items() if n not in tried and pc[1] < SWITCH_MARGIN * cost_plan}
+    if not open_:
+        return None, measured
+    return min(open_.values(), key=lambda pc: pc[1])[0], measured
+
+
 def block_traces(
     model: nn.Module,
     loss,
@@ -121,6 +148,7 @@ def block_traces(
     max_memory: int | None = None,
     progress: bool | None = None,
     process_group=None,
+    cuda_graph: bool = False,
 ) -> BlockTraces:
     """Estimate the trace of every diagonal block of the loss Hessian.
 
@@ -166,6 +194,8 @@ def block_traces(
             passes its shard of the data; identical probes are drawn on every rank and only
             the per-block sums are reduced). ``None`` auto-detects an initialised default
             group with more than one rank; ``False`` disables.
+        cuda_graph: replay the HVPs and reductions of each chunk of probes from a captured CUDA
+            graph (CUDA only, reverse backbones, static shapes; see :mod:`hutchtrace.engine`).
 
     Returns:
         :class:`~hutchtrace.result.BlockTraces`.
@@ -188,9 +218,8 @@ def block_traces(
     """
     t0 = time.perf_counter()
     K = check_probe_count(K)
-    _check_probe_kind(probe)
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    check_probe_kind(probe)
+    check_level(level)
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     if stop_on not in ("blocks", "total"):
@@ -205,12 +234,8 @@ def block_traces(
         raise ValueError(f"max_K must be an int >= K ({K}), got {max_K!r}")
     if isinstance(pilot_K, bool) or not isinstance(pilot_K, int) or pilot_K < 2:
         raise ValueError(f"pilot_K must be an int >= 2, got {pilot_K!r}")
-    if seed is None:
-        seed = draw_seed()
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    seed = resolve_seed(seed)
+    check_model(model)
     inner = unwrap_model(model)
     layout = resolve_blocks(inner, blocks)
     from . import distributed
@@ -237,6 +262,7 @@ def block_traces(
         runner = ProbeRunner(
             inner, layout, spec, seed=seed, kind=probe, hvp=hvp, curvature=curvature,
             probe_batch=probe_batch, max_memory=max_memory, progress=progress, desc="block_traces",
+            cuda_graph=cuda_graph,
         )
         run_state = {"hvps": 0, "rows": 0, "info": None}
 
@@ -278,6 +304,7 @@ def block_traces(
         if seg is not (segments[-1] if segments else None):
             segments.append(seg)
         round_K = K
+        tried = {seg.plan.name}  # auto switches to each scheme at most once: no oscillation
         converged = None
         while True:
             run_round(seg, round_K)
@@ -288,18 +315,13 @@ def block_traces(
             done = comb["K"]
             if converged or done >= max_K:
                 break
-            if probing == "auto" and pilot is not None and seg.plan.name != "isolated":
-                # validate the choice after every round with measured variances: keep the plan
-                # only while its measured cost beats the isolated plan's (the pilot's couplings
-                # were only estimates). Samples already taken keep counting after a switch.
-                from .coloring import _weights
-
-                w = _weights(comb["mean"][:-1], rtol, atol, torch.sqrt(comb["var_mean"][:-1].clamp_min(0)))
-                cost_plan = seg.plan.num_groups * float((w * seg.variances()[0][:-1].clamp_min(0)).max())
-                cost_iso = L * float((w * pilot.v0.clamp_min(0)).max())
-                costs = {"measured_plan": cost_plan, "measured_isolated": cost_iso, **(costs or {})}
-                if cost_iso < cost_plan:
-                    seg = new_segment(isolated_plan(L), done, K)  # fresh probe indices
+            if probing == "auto" and pilot is not None:
+                better, measured = _revalidate(seg, comb, pilot, rtol, atol, L, tried,
+                                               energy_ok=group is None)
+                costs = {**measured, **(costs or {})}
+                if better is not None:
+                    tried.add(better.name)
+                    seg = new_segment(better, done, K)  # fresh probe indices
                     segments.append(seg)
             grow = max(8, int(math.ceil(1.1 * need)) - done) if math.isfinite(need) else done
             round_K = int(min(max(grow, 8), max(done, 8), max_K - done))

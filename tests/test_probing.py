@@ -165,3 +165,106 @@ def test_isolated_single_element_blocks_are_exact():
                                   blocks={"a": [model[0]], "b": [model[2]], "c": [model[4].weight]})
     assert res.meta["probing"] == "isolated" and res.meta["groups"] == 3
     assert float(H.trace()) > 0
+
+
+@pytest.mark.parametrize("groups", ["isolated", [[0, 2, 4], [1, 3, 5]]])
+def test_cross_energy_measures_the_couplings_a_global_probe_adds(groups):
+    """``Segment.cross_energy`` is unbiased for ``X_b = sum_{c not in g(b)} ||H_bc||_F^2``,
+    so ``V_plan + X`` is the global scheme's exact per-probe variance (SPEC section 6)."""
+    from hutchtrace.accumulate import SampleSink, Segment
+    from hutchtrace.blocks import resolve_blocks
+    from hutchtrace.engine import ProbeRunner
+    from hutchtrace.loss import make_loss_spec
+    from hutchtrace.probing import isolated_plan
+
+    model, crit, data = make_case("mlp")
+    H, layout = exact_hessian(model, crit, data=data)
+    L = layout.num_blocks
+    plan = isolated_plan(L) if groups == "isolated" else ProbePlan("colored", tuple(map(tuple, groups)))
+    F, _, _ = block_energies(H, layout)
+    same = torch.zeros(L, L, dtype=torch.bool)
+    for g in plan.groups:
+        for b in g:
+            same[b, list(g)] = True
+    X = (F * ~same).sum(1)
+    assert (X > 0).all()  # every block is coupled to another group: the test has teeth
+
+    K = 300
+    runner = ProbeRunner(model, resolve_blocks(model), make_loss_spec(crit, data), seed=4, kind="rademacher",
+                         hvp="reverse", progress=False)
+    seg = Segment(plan, L, torch.device("cpu"), None, 0)
+    sink = SampleSink(K, resolve_blocks(model), plan, single_batch=True)
+    runner.run(plan, range(K), [sink])
+    seg.add(sink)
+    per_probe = sink.energy - sink.own
+    se = per_probe.std(0) / math.sqrt(K)
+    assert torch.allclose(seg.cross_energy(), per_probe.mean(0))
+    z = (seg.cross_energy() - X).abs() / se
+    assert (z < 4.5).all(), z.tolist()  # 4.5 SE: a false alarm over 6 blocks has odds ~4e-5
+    # and V_plan + X reproduces the exact global variance
+    Vp = exact_variance(H, layout, plan)["variance"]
+    Vg = exact_variance(H, layout, "global")["variance"]
+    assert torch.allclose(Vp + X, Vg, rtol=1e-10)
+
+
+class _Seg:
+    """A stand-in segment with given measured per-probe variances and cross energies."""
+
+    def __init__(self, plan, V, X):
+        self.plan, self._V, self._X = plan, V, X
+
+    def variances(self):
+        v = torch.cat([self._V, self._V.sum().reshape(1)])
+        return v, v, None
+
+    def cross_energy(self):
+        return self._X
+
+
+def test_auto_revalidation_leaves_a_plan_for_one_measured_to_be_cheaper():
+    from types import SimpleNamespace
+
+    from hutchtrace.estimator import SWITCH_MARGIN, _revalidate
+
+    L = 4
+    colored = ProbePlan("colored", ((0, 1), (2, 3)))
+    mean = torch.tensor([1.0, -1.0, 2.0, 0.5, 2.5], dtype=torch.float64)
+    comb = {"mean": mean, "var_mean": torch.full((5,), 1e-6, dtype=torch.float64)}
+    pilot = SimpleNamespace(v0=torch.full((L,), 1.0, dtype=torch.float64))
+    V = torch.full((L,), 1.0, dtype=torch.float64)
+    # weakly coupled across groups: global costs ~1/2 of the colored plan (G = 2)
+    weak = _Seg(colored, V, torch.full((L,), 0.01, dtype=torch.float64))
+    plan, costs = _revalidate(weak, comb, pilot, 0.05, None, L, {"colored"})
+    assert plan is not None and plan.name == "global"
+    assert costs["measured_global"] < SWITCH_MARGIN * costs["measured_plan"]
+    # strongly coupled: stay (isolated costs 4/2 of colored, global 101x per probe)
+    strong = _Seg(colored, V, torch.full((L,), 100.0, dtype=torch.float64))
+    plan, costs = _revalidate(strong, comb, pilot, 0.05, None, L, {"colored"})
+    assert plan is None and costs["measured_global"] > costs["measured_plan"]
+    # each scheme at most once, and no global candidate without valid row energies
+    assert _revalidate(weak, comb, pilot, 0.05, None, L, {"colored", "global"})[0] is None
+    assert _revalidate(weak, comb, pilot, 0.05, None, L, {"colored"}, energy_ok=False)[0] is None
+    # from isolated, a global switch needs the cross energies to be small against L x V
+    iso = _Seg(hutchtrace.probing.isolated_plan(L), V, torch.full((L,), 0.5, dtype=torch.float64))
+    assert _revalidate(iso, comb, pilot, 0.05, None, L, {"isolated"})[0].name == "global"
+    # a noisy margin is not enough: 0.9x the current cost does not trigger a switch
+    near = _Seg(colored, V, torch.full((L,), 0.8, dtype=torch.float64))
+    plan, costs = _revalidate(near, comb, pilot, 0.05, None, L, {"colored"})
+    assert plan is None and costs["measured_global"] < costs["measured_plan"]
+
+
+def test_auto_switches_to_global_on_decoupled_blocks():
+    """Independent blocks: a global probe has the isolated variance at 1/L of the cost."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = (5, 5, 5)
+    blocks = []
+    for n in sizes:
+        B = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        blocks.append(B @ B.T / n + torch.eye(n, dtype=torch.float64))
+    A = torch.block_diag(*blocks)
+    model = Quadratic(A, sizes)
+    res = hutchtrace.block_traces(model, lambda m: m(), K=16, seed=1, probing="auto", rtol=0.05,
+                                  progress=False)
+    assert res.meta["converged"] and res.meta["probing"] == "global", res.meta["segments"]
+    exact = torch.stack([torch.diagonal(b).sum() for b in blocks])
+    assert ((res.means - exact).abs() <= 4 * res.ses).all()
