@@ -39,6 +39,15 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
 
 
+def pytest_configure(config):
+    import os
+
+    # A smoke run (--benchmark-disable) times nothing: its tables must not replace the
+    # committed results under bench/results/ (models.write_results reads this).
+    if config.getoption("benchmark_disable", default=False):
+        os.environ.setdefault("HUTCHTRACE_BENCH_OUT", "/tmp/hutchtrace-bench")
+
+
 def pytest_collection_modifyitems(config, items):
     from hutchtrace import _ext
 

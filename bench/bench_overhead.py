@@ -1,0 +1,147 @@
+"""``block_traces`` per probe vs the bare HVP of the same backbone (issue 9 (b), issue 2).
+
+For each model of :mod:`models` (MLP, CNN, ResNet-18-like, tied-embedding LM) and each
+backbone, one process times, interleaved round by round (so background load hits every
+variant alike):
+
+* ``bare``: build the batch once (forward + first-order graph), then ``K`` HVPs of
+  pre-generated vectors (``probe_batch`` rows per call for ``reverse-batched``): what a
+  hand-written HVP loop costs, nothing else;
+* ``sample``: ``block_traces(K, probing="global", variance="sample")``: counter-based probe
+  generation, the fused per-block reduction, the streaming statistics and the per-call
+  set-up (block layout, state guard, result);
+* ``pairwise``: the same with ``variance="pairwise"`` (keeps a round of 16 products and
+  probes and forms the pairwise U-statistic per block);
+* ``graph`` (CUDA only): ``sample`` with ``cuda_graph=True``.
+
+each at ``K`` and at ``K0 = K / 8`` probes. Reported per variant:
+
+* **per-probe ratio** ``(T(K) - T(K0)) / (T_bare(K) - T_bare(K0))`` from the medians: the
+  marginal cost of one more probe relative to one more bare HVP (the issue's overhead; target
+  <= 1.05 on CPU, <= 1.02 on GPU);
+* **call ratio** ``T(K) / T_bare(K)``: everything, per-call set-up included.
+
+Correctness is asserted once per case before timing: the per-probe samples of
+``block_traces`` equal ``z_b . (H z)_b`` recomputed from the same counter-based probes with
+the bare backbone. Timings are never asserted. One intra-op thread by default
+(``HUTCHTRACE_BENCH_THREADS``). Results: ``bench/results/cpu_overhead.{json,md}``.
+
+    pytest bench/bench_overhead.py -s                          # full CPU run (~10 min)
+    HUTCHTRACE_BENCH_QUICK=1 pytest bench/bench_overhead.py    # smoke test
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hutchtrace
+import models as bm
+from hutchtrace import ops
+from hutchtrace.blocks import resolve_blocks
+
+BACKBONES = ("reverse", "reverse-batched")
+ROWS = 8  # probe_batch of the batched backbone, in block_traces and in the bare loop
+_RESULTS: dict[str, dict] = {}
+
+
+def _k() -> tuple[int, int, int]:
+    if bm.quick():
+        return 8, 2, 2
+    return 64, 8, 7
+
+
+def check_samples(model, crit, data, backbone, dev):
+    """block_traces' samples == z_b . (H z)_b from the bare backbone with the same probes."""
+    from hutchtrace.hvp import make_backbone
+    from hutchtrace.loss import make_loss_spec
+    from hutchtrace.state import ForwardRNG
+
+    K, seed = 3, 1234
+    res = hutchtrace.block_traces(model, crit, K=K, data=data, seed=seed, hvp=backbone, probing="global",
+                                  variance="sample", progress=False, probe_batch=ROWS)
+    layout = resolve_blocks(model, "param")
+    batch = next(iter(make_loss_spec(crit, data).batches()))
+    want = torch.zeros(K, layout.num_blocks, dtype=torch.float64)
+    with bm.preserved(model):
+        rng = ForwardRNG([torch.device(dev)])
+        rng.start_batch()
+        bb = make_backbone("reverse", model, layout.names, layout.tensors, rng)
+        bb.prepare(batch)
+        for k in range(K):
+            z = [ops.probes(seed, k, off, t.numel(), dtype=t.dtype, device=t.device).view(t.shape)
+                 for t, off in zip(layout.tensors, layout.offsets)]
+            w = bb.hvp(z)
+            for j, b in enumerate(layout.block_index):
+                want[k, b] += float((z[j].double() * w[j].double()).sum())
+        bb.release()
+    got = res.samples
+    scale = want.abs().max()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(scale))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write():
+    yield
+    if _RESULTS:
+        rows = []
+        for r in _RESULTS.values():
+            for v in ("sample", "pairwise", "graph"):
+                if v in r["per_probe_ratio"]:
+                    rows.append([r["model"], r["P"], r["L"], r["backbone"], v,
+                                 r["bare_per_probe_ms"], r["per_probe_ms"][v],
+                                 r["per_probe_ratio"][v], r["call_ratio"][v]])
+        md = ("### block_traces vs the bare HVP (per probe, global probing)\n\n"
+              + bm.md_table(["model", "P", "L", "backbone", "variance", "bare HVP ms/probe",
+                             "block_traces ms/probe", "per-probe ratio", f"call ratio (K={r['K']})"], rows)
+              + "\n\nper-probe ratio = marginal cost of one more probe / one more bare HVP "
+                "(medians over interleaved rounds); call ratio includes the per-call set-up.\n")
+        bm.write_results("overhead", {"cases": _RESULTS}, md)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("name", bm.MODELS)
+def bench_overhead(benchmark, name, backbone):
+    threads = bm.set_threads()
+    dev = bm.device()
+    model, crit, data = bm.make(name, bm.scale("gpu" if dev.startswith("cuda") else "bench"), device=dev)
+    check_samples(model, crit, data, backbone, dev)
+    K, K0, rounds = _k()
+
+    def bt(k, variance, graph=False):
+        return lambda: hutchtrace.block_traces(model, crit, K=k, data=data, seed=7, hvp=backbone,
+                                               probing="global", variance=variance, progress=False,
+                                               probe_batch=ROWS, **({"cuda_graph": True} if graph else {}))
+
+    fns = {}
+    for tag, k in (("K", K), ("K0", K0)):
+        fns[f"bare@{tag}"] = bm.bare_probe_loop(model, crit, data, k, backbone, ROWS, dev)
+        fns[f"sample@{tag}"] = bt(k, "sample")
+        fns[f"pairwise@{tag}"] = bt(k, "pairwise")
+        if dev.startswith("cuda"):
+            fns[f"graph@{tag}"] = bt(k, "sample", graph=True)
+    for f in fns.values():  # warm-up (allocator, lazy init, auto caches)
+        f()
+    times = bm.interleave(fns, rounds, dev)
+    med = {n: bm.summary(t)["median"] for n, t in times.items()}
+    bare_pp = (med["bare@K"] - med["bare@K0"]) / (K - K0)
+    variants = [v for v in ("sample", "pairwise", "graph") if f"{v}@K" in med]
+    per_probe = {v: (med[f"{v}@K"] - med[f"{v}@K0"]) / (K - K0) for v in variants}
+    result = {
+        "model": name, "backbone": backbone, "P": bm.numel(model),
+        "L": resolve_blocks(model).num_blocks, "K": K, "K0": K0, "rounds": rounds, "threads": threads,
+        "device": dev, "probe_batch": ROWS,
+        "bare_per_probe_ms": 1e3 * bare_pp,
+        "per_probe_ms": {v: 1e3 * per_probe[v] for v in variants},
+        "per_probe_ratio": {v: per_probe[v] / bare_pp for v in variants},
+        "call_ratio": {v: med[f"{v}@K"] / med["bare@K"] for v in variants},
+        "pairwise_over_sample_per_probe": per_probe["pairwise"] / per_probe["sample"],
+        "times_s": {n: bm.summary(t) for n, t in times.items()},
+    }
+    _RESULTS[f"{name}/{backbone}"] = result
+    benchmark.group = f"overhead-{name}"
+    benchmark.extra_info.update({k: v for k, v in result.items() if k != "times_s"})
+    benchmark.pedantic(fns["sample@K"], rounds=1, iterations=1)
+    print(f"\n{name}/{backbone}: bare {result['bare_per_probe_ms']:.3f} ms/probe; per-probe ratio "
+          + ", ".join(f"{v} {result['per_probe_ratio'][v]:.3f}" for v in variants)
+          + "; call ratio " + ", ".join(f"{v} {result['call_ratio'][v]:.3f}" for v in variants))
