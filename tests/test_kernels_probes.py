@@ -25,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SEEDS = [0, 1, 12345, 2**31 - 1, 2**32 - 1, 2**32, 2**40 + 5, 2**63 - 1]
 PROBES = [0, 1, 7, 2**31, 2**32 - 1, 2**32 + 3, 2**50 + 11]
-OFFSETS = [0, 1, 2, 3, 5, 6, 1023, 2**32 - 2, 2**32 + 1, 2**35 + 6, 2**40 + 3]
+# 2**34 - 130: a 32-group Philox tile of the CPU kernel straddles the 32-bit counter wrap (g = 2**32)
+OFFSETS = [0, 1, 2, 3, 5, 6, 1023, 2**32 - 2, 2**32 + 1, 2**34 - 130, 2**35 + 6, 2**40 + 3]
 SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 13, 64, 255, 1000, 4097]
 
 
@@ -204,6 +205,19 @@ def test_cpu_kernel_equals_reference(kind, dtype):
         compiled(out, seed, probe, offset, kind)
         want = reference_probes(seed, probe, offset, numel, rows, kind, dtype)
         assert torch.equal(out, want), (seed, probe, offset, numel, rows)
+
+
+@pytest.mark.needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("offset", [0, 3, 2**34 - 130, 2**34 + 2])
+def test_cpu_kernel_tiles_equal_reference(kind, dtype, offset):
+    """Rows long enough for the 32-group Philox tiles, with ragged heads and tails, a tile
+    across the 32-bit counter wrap, and probe indices across a 32-bit boundary."""
+    for numel, rows, probe in [(128, 1, 0), (129, 2, 2**32 - 1), (4096 + 7, 3, 5)]:
+        out = torch.full((rows, numel), 7.0, dtype=dtype)
+        compiled(out, 99, probe, offset, kind)
+        assert torch.equal(out, reference_probes(99, probe, offset, numel, rows, kind, dtype)), (numel, rows)
 
 
 @pytest.mark.needs_ext
