@@ -30,8 +30,8 @@ choice after every round from *measured* quantities (``estimator._revalidate``):
 cost ``G max_b w_b V_b``, the isolated plan's ``L max_b w_b V0_b`` and the global plan's
 ``max_b w_b (V_b + X_b)``, where ``X_b``, the mean of ``||(H z_g)_b||^2`` over the groups
 g other than b's own, is unbiased for exactly the couplings a global probe would add to
-b's variance (no per-pair estimate needed). It moves to a scheme not tried before when
-that costs less than 0.8x the current plan.
+b's variance (no per-pair estimate needed). It moves to the cheapest scheme not tried
+before when that costs less than the current plan.
 
 The ingredients come from a short *pilot* with block-supported probes (the isolated plan):
 row ``(k, c)`` gives ``w = H z_c``, so ``||w_b||^2`` is an unbiased sample of ``F_bc`` for
