@@ -14,7 +14,8 @@ The reference is **one HVP**: build the batch (forward + first-order graph with
 Each row of the table measures one of these:
 
 * ``sequential, sample``: ``block_traces(K=16, hvp="reverse", probe_batch=1,
-  variance="sample")`` (one probe row at a time).
+  variance="sample")`` (one probe row at a time). ``variance="auto"``, the default, is the
+  sample variance in this mode, so this is also the sequential mode's default.
 * ``sequential, pairwise``: the same with ``variance="pairwise"``. It keeps a round of 16
   products and probes for the U-statistic.
 * ``default``: ``block_traces(K=16)`` with every default (``hvp="auto"``, batched probe rows

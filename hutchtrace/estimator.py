@@ -179,9 +179,11 @@ def block_traces(
             revisited once with the pooled trace estimates), or a ``ProbePlan``. Pilot samples
             are unbiased and are kept: the estimate pools every segment (:mod:`hutchtrace.accumulate`).
         groups: number of groups for ``probing="colored"`` (default: the best by the pilot).
-        variance: ``"auto"`` / ``"pairwise"`` (the unbiased pairwise U-statistic, lower spread
-            than the sample variance; needs the products of a round of probes in memory) or
-            ``"sample"``.
+        variance: ``"pairwise"`` (the unbiased pairwise U-statistic, lower spread than the
+            sample variance; keeps the products and probes of a round of up to 16 probes),
+            ``"sample"``, or ``"auto"``: pairwise when a round fits the memory budget, except
+            in sequential mode (one probe row per HVP, e.g. ``probe_batch=1``), which asks
+            for the least memory and gets the sample variance.
         rtol, atol: adaptive stopping targets on the standard error (see module docs).
         max_K: probe budget for adaptive stopping (default 10000).
         stop_on: ``"blocks"`` (every block meets the target) or ``"total"``.
@@ -398,6 +400,10 @@ def _global_count(segments, info) -> float:
 def _pairwise_sink(variance, layout, plan, runner, probe, K, max_memory, single, group, first_probe, adaptive):
     """The pairwise-variance sink when requested and affordable, else None."""
     if variance == "sample" or group is not None:
+        return None
+    if variance == "auto" and runner.max_rows == 1:
+        # sequential mode (probe_batch=1, or a budget for one row): the caller wants the
+        # least memory, and a pairwise round keeps 2 x 16 rows of P besides the HVP
         return None
     if K < 2 and not adaptive:
         return None

@@ -139,3 +139,22 @@ def test_pairwise_in_dataset_mode_uses_the_dataset_mean_product():
     for a, b in zip(res_d.blocks, res_s.blocks):
         assert a.pairwise_variance == pytest.approx(b.pairwise_variance, rel=1e-9, abs=1e-12)
         assert a.row_energy == pytest.approx(b.row_energy, rel=1e-9, abs=1e-12)
+
+
+def test_auto_variance_is_the_sample_variance_in_sequential_mode():
+    """probe_batch=1 asks for the least memory: no pairwise round (2 x 16 rows of P) unless
+    requested explicitly."""
+    from hutchtrace import zoo
+
+    model, crit, data = zoo.make_mlp(dtype=torch.float64)
+    seq = hutchtrace.block_traces(model, crit, K=6, data=data, seed=1, hvp="reverse", probe_batch=1,
+                                  progress=False)
+    assert seq.meta["variance"] == "sample"
+    assert all(b.pairwise_variance is None for b in seq.blocks)
+    explicit = hutchtrace.block_traces(model, crit, K=6, data=data, seed=1, hvp="reverse", probe_batch=1,
+                                       variance="pairwise", progress=False)
+    assert explicit.meta["variance"] == "pairwise"
+    batched = hutchtrace.block_traces(model, crit, K=6, data=data, seed=1, progress=False)
+    assert batched.meta["variance"] == "pairwise"
+    # same probes, same samples: only the variance estimator differs
+    assert torch.equal(seq.samples, explicit.samples)
