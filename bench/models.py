@@ -19,6 +19,8 @@ larger versions for a GPU. Everything is float32 unless stated.
 
 from __future__ import annotations
 
+import math
+
 import os
 import platform
 import statistics
@@ -247,11 +249,23 @@ def target_eps(means: torch.Tensor, rtol: float = 0.05) -> torch.Tensor:
 
 
 def pooled_means(runs) -> torch.Tensor:
-    """Inverse-variance weighted block means over runs (each unbiased; weights ``1/SE_b^2``)."""
+    """Inverse-variance weighted block means over runs (each unbiased; weights ``1/SE_b^2``).
+
+    A run with ``SE_b = 0`` measured block b exactly (e.g. a zero Hessian block, or a
+    1-element block probed alone): such runs alone define the pooled mean of b. Runs with
+    a non-finite mean or SE are left out.
+    """
     m = torch.tensor([x["means"] for x in runs], dtype=torch.float64)
     se = torch.tensor([x["se"] for x in runs], dtype=torch.float64)
-    wt = 1.0 / se.clamp_min(1e-300) ** 2
-    return (wt * m).sum(0) / wt.sum(0)
+    ok = torch.isfinite(m) & torch.isfinite(se)
+    exact = ok & (se == 0)
+    wt = torch.where(ok & (se > 0), 1.0 / torch.where(se > 0, se, 1.0) ** 2, 0.0)
+    wt = torch.where(exact.any(0, keepdim=True), exact.double(), wt)
+    m = torch.where(ok, m, 0.0)
+    pooled = (wt * m).sum(0) / wt.sum(0)
+    if not torch.isfinite(pooled).all():
+        raise ValueError(f"no finite estimate for blocks {torch.nonzero(~torch.isfinite(pooled)).flatten().tolist()}")
+    return pooled
 
 
 def extrapolate(x: dict, eps: torch.Tensor) -> None:
@@ -263,5 +277,7 @@ def extrapolate(x: dict, eps: torch.Tensor) -> None:
     comparisons between methods would be noise."""
     se = torch.tensor(x["se"], dtype=torch.float64)
     need = x["K"] * float(((se / eps) ** 2).max())
+    if not math.isfinite(need):
+        raise ValueError(f"cannot extrapolate a run with non-finite standard errors: {x['se']}")
     scale = 1.0 if x["converged"] else max(1.0, need / x["K"])
     x.update({"seconds": x["measured_seconds"] * scale, "rows": x["measured_rows"] * scale, "probes_needed": need})
