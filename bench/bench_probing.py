@@ -39,7 +39,6 @@ import time
 import warnings
 
 import pytest
-import torch
 
 import hutchtrace
 import models as bm
