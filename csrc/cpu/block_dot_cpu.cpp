@@ -171,10 +171,7 @@ std::tuple<at::Tensor, at::Tensor> block_dot_regen_cpu(at::TensorList w, at::Int
                                                        at::IntArrayRef block_index, int64_t num_blocks, int64_t seed,
                                                        int64_t probe, int64_t kind, bool batched,
                                                        std::optional<at::ScalarType> acc_dtype) {
-  TORCH_CHECK_VALUE(seed >= 0, "block_dot_regen: seed must be in [0, 2**63), got ", seed);
-  TORCH_CHECK_VALUE(probe >= 0, "block_dot_regen: probe index must be non-negative, got ", probe);
-  TORCH_CHECK_VALUE(kind == kRademacher || kind == kGaussian, "block_dot_regen: kind must be 0 (rademacher) or 1 "
-              "(gaussian), got ", kind);
+  check_regen_args(seed, probe, kind);
   const BlockPlan plan = make_block_plan(w, std::nullopt, offsets, block_index, num_blocks, batched, acc_dtype,
                                          kChunk, "block_dot_regen");
   TORCH_CHECK_VALUE(w[0].device().is_cpu(), "block_dot_regen: expected CPU tensors");

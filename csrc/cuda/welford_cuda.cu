@@ -72,13 +72,7 @@ void welford_update_cuda(at::Tensor count, at::Tensor mean, at::Tensor m2, const
 
 void welford_merge_cuda(at::Tensor count, at::Tensor mean, at::Tensor m2, const at::Tensor& count_b,
                         const at::Tensor& mean_b_in, const at::Tensor& m2_b_in) {
-  const int64_t L = check_welford_state(count, mean, m2, "welford_merge_");
-  TORCH_CHECK_VALUE(count_b.scalar_type() == at::kLong && count_b.numel() == 1,
-              "welford_merge_: count_b must be a one-element int64 tensor");
-  TORCH_CHECK_VALUE(mean_b_in.scalar_type() == at::kDouble && m2_b_in.scalar_type() == at::kDouble,
-              "welford_merge_: mean_b and m2_b must be float64");
-  TORCH_CHECK_VALUE(mean_b_in.numel() == L && m2_b_in.numel() == L, "welford_merge_: state b must have ", L,
-              " entries per statistic");
+  const int64_t L = check_welford_merge_args(count, mean, m2, count_b, mean_b_in, m2_b_in);
   TORCH_CHECK_VALUE(mean.is_cuda() && count_b.device() == mean.device() && mean_b_in.device() == mean.device() &&
                   m2_b_in.device() == mean.device(),
               "welford_merge_: expected CUDA tensors on ", mean.device());

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "hutchtrace/block_dot_types.h"
+#include "hutchtrace/philox.h"
 
 namespace hutchtrace {
 
@@ -40,14 +41,26 @@ struct ProbeShape {
   int64_t n;
 };
 
+// The Philox key and counter of a probe: (seed, probe index), both non-negative.
+inline void check_seed_probe(int64_t seed, int64_t probe, const char* name) {
+  TORCH_CHECK_VALUE(seed >= 0, name, ": seed must be in [0, 2**63), got ", seed);
+  TORCH_CHECK_VALUE(probe >= 0, name, ": probe index must be non-negative, got ", probe);
+}
+
+// Scalar arguments of block_dot_regen (the tensors are checked by make_block_plan).
+inline void check_regen_args(int64_t seed, int64_t probe, int64_t kind) {
+  check_seed_probe(seed, probe, "block_dot_regen");
+  TORCH_CHECK_VALUE(kind == kRademacher || kind == kGaussian, "block_dot_regen: kind must be 0 (rademacher) or 1 "
+              "(gaussian), got ", kind);
+}
+
 inline ProbeShape check_probe_args(const at::Tensor& out, int64_t seed, int64_t probe, int64_t offset,
                                    const char* name) {
   TORCH_CHECK_VALUE(out.dim() == 1 || out.dim() == 2, name, ": out must be 1-D (n) or 2-D (B, n), got shape ",
               out.sizes());
   TORCH_CHECK_VALUE(out.is_contiguous(), name, ": out must be contiguous");
   dtype_code(out.scalar_type());
-  TORCH_CHECK_VALUE(seed >= 0, name, ": seed must be in [0, 2**63), got ", seed);
-  TORCH_CHECK_VALUE(probe >= 0, name, ": probe index must be non-negative, got ", probe);
+  check_seed_probe(seed, probe, name);
   TORCH_CHECK_VALUE(offset >= 0, name, ": offset must be non-negative, got ", offset);
   ProbeShape s;
   s.rows = out.dim() == 2 ? out.size(0) : 1;
@@ -208,6 +221,20 @@ inline int64_t check_welford_state(const at::Tensor& count, const at::Tensor& me
   TORCH_CHECK_VALUE(count.device() == mean.device() && m2.device() == mean.device(), name,
               ": count, mean and m2 must be on one device");
   return mean.size(0);
+}
+
+// Arguments of welford_merge_ except their device (checked per backend): returns L.
+inline int64_t check_welford_merge_args(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
+                                        const at::Tensor& count_b, const at::Tensor& mean_b,
+                                        const at::Tensor& m2_b) {
+  const int64_t L = check_welford_state(count, mean, m2, "welford_merge_");
+  TORCH_CHECK_VALUE(count_b.scalar_type() == at::kLong && count_b.numel() == 1,
+              "welford_merge_: count_b must be a one-element int64 tensor");
+  TORCH_CHECK_VALUE(mean_b.scalar_type() == at::kDouble && m2_b.scalar_type() == at::kDouble,
+              "welford_merge_: mean_b and m2_b must be float64");
+  TORCH_CHECK_VALUE(mean_b.numel() == L && m2_b.numel() == L, "welford_merge_: state b must have ", L,
+              " entries per statistic");
+  return L;
 }
 
 }  // namespace hutchtrace
