@@ -322,7 +322,7 @@ def block_traces(
             if probing == "auto" and pilot is not None:
                 better, measured = _revalidate(seg, comb, pilot, rtol, atol, L, tried,
                                                energy_ok=group is None)
-                costs = {**measured, **(costs or {})}
+                costs = {**(costs or {}), **measured}  # the pilot's predictions, then the latest measurements
                 if better is not None:
                     tried.add(better.name)
                     seg = new_segment(better, done, K)  # fresh probe indices
