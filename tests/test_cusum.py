@@ -67,6 +67,7 @@ def test_siegmund_formula_limits_and_two_sided():
 
 
 @pytest.mark.parametrize("direction", ["up", "both"])
+@pytest.mark.slow
 def test_simulated_arl0_matches_target(direction):
     rng = np.random.default_rng(1)
     n = 1500
@@ -78,6 +79,7 @@ def test_simulated_arl0_matches_target(direction):
 
 
 @pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
+@pytest.mark.slow
 def test_out_of_control_arl_matches_siegmund(mu):
     rng = np.random.default_rng(2)
     n = 3000
@@ -107,6 +109,7 @@ def _false_alarm_fraction(det_state: dict, n_paths: int, horizon: int, seed: int
     return float(hit.mean())
 
 
+@pytest.mark.slow
 def test_alpha_threshold_known_model_and_geometric():
     alpha, n, N = 0.05, 300, 20_000
     h_sim = threshold_for_alpha(alpha, n, 0.5, sides=1, n_paths=N, seed=0)
@@ -128,6 +131,7 @@ def test_alpha_threshold_known_model_and_geometric():
 
 
 @pytest.mark.parametrize("halflife", [None, 40.0])
+@pytest.mark.slow
 def test_alpha_threshold_with_short_warmup_controls_unconditional_rate(halflife):
     """h simulated *with* the warm-up estimation (n0 = 20) gives the nominal unconditional rate,
     while the naive known-model h does not."""

@@ -10,6 +10,7 @@ from hutchtrace.minibatch import anova, variance_decomposition
 from hutchtrace.variance import exact_variance
 
 
+@pytest.mark.slow
 def test_anova_components_are_unbiased_in_a_two_level_simulation():
     """t_mk = tau_m + e_mk with Var tau = 4, Var e = 20: K* = 5 (the SPEC's s3 setting)."""
     gen = torch.Generator().manual_seed(0)
