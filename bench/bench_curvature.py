@@ -16,7 +16,7 @@ For each model, in one run: seconds per probe (median of 5 rounds / K) of
 
 All calls use the same backbones (``reverse-batched`` Hessian, ``ggn-vmap`` GGN) and the same
 probe batch, so the ratios compare the algorithms, not backbone choices. Models (float32):
-the SPEC's tanh MLP 16-32-32-8 on 256 samples, and ``zoo.make_resnet`` (ResNet-18 layout,
+the tanh MLP 16-32-32-8 of docs/maths.md on 256 samples, and ``zoo.make_resnet`` (ResNet-18 layout,
 width 8, 8 images of 16x16, BatchNorm in train mode). The ratios are printed at the end and
 written to ``bench/results/curvature_ratios.json``. Run (one thread, as in the report)::
 

@@ -1,4 +1,4 @@
-"""Closed-form vs generic exact local Hessian (SPEC section 7).
+"""Closed-form vs generic exact local Hessian (docs/maths.md section 7).
 
 Main case: ``Linear(256 -> 256) + tanh``, ``N = 32`` block inputs, float32, ``p = 65,792``.
 
@@ -12,7 +12,7 @@ Main case: ``Linear(256 -> 256) + tanh``, ``N = 32`` block inputs, float32, ``p 
   need on top.
 
 Second case, small enough to run end to end on both paths: ``Linear(64 -> 64) + tanh``,
-``N = 16``, float64 (SPEC's measured case): the local Hessian *and* its full spectrum
+``N = 16``, float64 (the case docs/maths.md section 7 discusses): the local Hessian *and* its full spectrum
 (closed form: 64 eigendecompositions of 65 x 65; dense paths: one of 4160 x 4160).
 
 Correctness is asserted once per case before any timing. With ``--benchmark-disable`` (smoke

@@ -220,7 +220,7 @@ def test_trace_gap_of_decompose(tanh):
     assert checked >= 2
 
 
-# ---------------------------------------------------------------------------- ReLU claims (seed, SPEC 5/10)
+# ---------------------------------------------------------------------------- ReLU claims (seed, docs/maths.md sections 5 and 10)
 def test_relu_parameter_hessian_keeps_a_cross_layer_tensor_part():
     """ReLU MLP: every layer-diagonal block of T is 0 (so tr T_bb = 0 for every block and
     tr H = tr G), but T couples layers: gamma^row > 0 for the hidden layers."""

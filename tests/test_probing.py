@@ -223,7 +223,7 @@ def test_isolated_single_element_blocks_are_exact(variance):
 @pytest.mark.parametrize("groups", ["isolated", [[0, 2, 4], [1, 3, 5]]])
 def test_cross_energy_measures_the_couplings_a_global_probe_adds(groups):
     """``Segment.cross_energy`` is unbiased for ``X_b = sum_{c not in g(b)} ||H_bc||_F^2``,
-    so ``V_plan + X`` is the global scheme's exact per-probe variance (SPEC section 6)."""
+    so ``V_plan + X`` is the global scheme's exact per-probe variance (docs/maths.md section 1, cross energy)."""
     from hutchtrace.accumulate import SampleSink, Segment
     from hutchtrace.blocks import resolve_blocks
     from hutchtrace.engine import ProbeRunner

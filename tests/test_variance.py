@@ -93,7 +93,7 @@ def test_pairwise_estimator_is_unbiased_and_less_spread_than_sample_variance(sma
         se = est.std() / math.sqrt(reps)
         assert abs(float(est.mean() - ex[b])) < 4 * se, (b, float(est.mean()), float(ex[b]))
         assert abs(float(sv.mean() - ex[b])) < 4 * sv.std() / math.sqrt(reps)
-        # SPEC section 1: 36-60 % of the sample variance's spread at K = 4 on the SPEC MLP's
+        # docs/maths.md section 1: 36-60 % of the sample variance's spread at K = 4 on the reference MLP's
         # blocks; the 4-element output bias here gains less
         limit = 0.7 if b in (0, 2) else 0.95
         assert est.std() < limit * sv.std(), (b, float(est.std() / sv.std()))
