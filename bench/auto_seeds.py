@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]  # this checkout
 import models as bm  # noqa: E402
 
 import hutchtrace  # noqa: E402

@@ -1,7 +1,7 @@
 """Run the CPU benchmark suites, summarise them against the targets, and (with --publish)
 regenerate every published number in one command.
 
-    python bench/run_cpu_suite.py --publish          # the full regeneration (quiet machine; ~35-45 min, one core)
+    python bench/run_cpu_suite.py --publish          # the full regeneration (quiet machine; about 50 min, one core)
     python bench/run_cpu_suite.py                    # the same suites, results under /tmp/hutchtrace-bench
     python bench/run_cpu_suite.py --quick            # smoke run (minutes; numbers not meaningful; /tmp)
     python bench/run_cpu_suite.py --suites overhead,memory --publish
@@ -35,19 +35,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # this checkout's hutchtrace, not an installed one
 import models as bm  # noqa: E402
 
 # name -> (command after the python executable, minutes on one quiet core (estimate), what it writes)
 SUITES = {
     "overhead": (["-m", "pytest", "bench/bench_overhead.py"], 6, "cpu_overhead: block_traces vs the bare HVP"),
     "memory": (["-m", "pytest", "bench/bench_memory.py"], 2, "cpu_memory: peak memory vs one HVP"),
-    "probing": (["-m", "pytest", "bench/bench_probing.py"], 12, "cpu_probing: time to 5 % SE per scheme"),
-    "peers": (["-m", "pytest", "bench/bench_peers.py"], 12, "cpu_peers: against PyHessian, curvlinops, ..."),
+    "probing": (["-m", "pytest", "bench/bench_probing.py"], 11, "cpu_probing: time to 5 % SE per scheme"),
+    "peers": (["-m", "pytest", "bench/bench_peers.py"], 16, "cpu_peers: against PyHessian, curvlinops, ..."),
     "curvature": (["-m", "pytest", "bench/bench_curvature.py"], 2, "cpu_curvature: decompose / coupling costs"),
     "local_hessian": (["-m", "pytest", "bench/bench_local_hessian.py"], 4,
                       "cpu_local_hessian: closed form vs generic"),
     "auto_seeds": (["bench/auto_seeds.py"], 5, "cpu_auto_seeds: auto's HVP rows over seeds (no timing)"),
+    "cusum_arl0": (["bench/cusum_arl0.py"], 3, "cpu_cusum_arl0: simulated in-control ARL0 of CUSUMDetector (no timing)"),
     "probing_study": (["examples/probing_study.py", "--out", "{out}/probing_study.md", "{quick}"], 3,
                       "probing_study: exact per-block variances, HVP rows per scheme, K* (float64)"),
 }
@@ -65,6 +66,8 @@ def run_suite(suite: str, args) -> dict:
     env = dict(os.environ)
     env.setdefault("HUTCHTRACE_BENCH_THREADS", "1")
     env.setdefault("OMP_NUM_THREADS", env["HUTCHTRACE_BENCH_THREADS"])
+    # the scripts (auto_seeds, examples/probing_study) must import this checkout's hutchtrace
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["HUTCHTRACE_BENCH_OUT"] = str(out_dir(args))
     env["HUTCHTRACE_BENCH_QUICK"] = "1" if args.quick else "0"
     env["HUTCHTRACE_BENCH_PUBLISH"] = "1" if args.publish else "0"
