@@ -93,7 +93,7 @@ def _budget(scheme: str) -> float:
     the time to reach the target or a projection within 10x."""
     if bm.quick():
         return 3.0
-    return 30.0 if scheme == "global" else 90.0
+    return 15.0 if scheme == "global" else 60.0
 
 
 def _cap(scheme: str, L: int) -> int:

@@ -548,7 +548,7 @@ def s_study_summary() -> str:
         runs = s["runs"]
         g, i, a = (runs[k]["hvp_rows"] for k in ("global", "isolated", "auto"))
         rows.append([s["model"], count(s["P"]), s["L"], f"{num(min(infl))}x - {num(max(infl))}x",
-                     f"{num(g)} / {num(i)} / **{num(a)}**", f"{num(g / a, 2)}x fewer"])
+                     f"{count(g)} / {count(i)} / **{count(a)}**", f"{num(g / a, 2)}x fewer"])
     return table(["model (exact Hessian, float64)", "P", "blocks", "variance inflation of global probing, per block",
                   "HVP rows to 5 % SE on every block: global / isolated / **auto**", "auto vs global"], rows)
 

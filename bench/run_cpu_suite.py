@@ -1,7 +1,7 @@
 """Run the CPU benchmark suites, summarise them against the targets, and (with --publish)
 regenerate every published number in one command.
 
-    python bench/run_cpu_suite.py --publish          # the full regeneration (quiet machine; about 50 min, one core)
+    python bench/run_cpu_suite.py --publish          # the full regeneration (quiet machine; about 45 min, one core)
     python bench/run_cpu_suite.py                    # the same suites, results under /tmp/hutchtrace-bench
     python bench/run_cpu_suite.py --quick            # smoke run (minutes; numbers not meaningful; /tmp)
     python bench/run_cpu_suite.py --suites overhead,memory --publish
@@ -9,8 +9,8 @@ regenerate every published number in one command.
 
 Each suite runs in a subprocess (one intra-op thread unless ``HUTCHTRACE_BENCH_THREADS`` is
 set) and writes ``<out>/cpu_<suite>.{json,md}``; this script writes ``cpu_summary.{json,md}``
-(every target, measured value, met / not met / inside the noise) and the load average before
-and after every suite.
+(the targets table of ``bench/render_tables.py``: every target, the measured value, met / not
+met / inside the noise) and the load average before and after every suite.
 
 ``--publish`` writes into ``bench/results/`` and then re-renders the README and docs tables
 (``bench/render_tables.py``). It refuses to start when the machine's load average is above
@@ -40,10 +40,10 @@ import models as bm  # noqa: E402
 
 # name -> (command after the python executable, minutes on one quiet core (estimate), what it writes)
 SUITES = {
-    "overhead": (["-m", "pytest", "bench/bench_overhead.py"], 6, "cpu_overhead: block_traces vs the bare HVP"),
+    "overhead": (["-m", "pytest", "bench/bench_overhead.py"], 4, "cpu_overhead: block_traces vs the bare HVP"),
     "memory": (["-m", "pytest", "bench/bench_memory.py"], 2, "cpu_memory: peak memory vs one HVP"),
-    "probing": (["-m", "pytest", "bench/bench_probing.py"], 11, "cpu_probing: time to 5 % SE per scheme"),
-    "peers": (["-m", "pytest", "bench/bench_peers.py"], 16, "cpu_peers: against PyHessian, curvlinops, ..."),
+    "probing": (["-m", "pytest", "bench/bench_probing.py"], 10, "cpu_probing: time to 5 % SE per scheme"),
+    "peers": (["-m", "pytest", "bench/bench_peers.py"], 12, "cpu_peers: against PyHessian, curvlinops, ..."),
     "curvature": (["-m", "pytest", "bench/bench_curvature.py"], 2, "cpu_curvature: decompose / coupling costs"),
     "local_hessian": (["-m", "pytest", "bench/bench_local_hessian.py"], 4,
                       "cpu_local_hessian: closed form vs generic"),
@@ -92,49 +92,18 @@ def load(suite: str, d: Path):
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def _band(sp: dict) -> str:
-    lo, hi = bm.noise_band(sp)
-    return f"{sp['median']:.3g} [{lo:.3g}-{hi:.3g}], {sp['n']} rounds"
+def targets_markdown(d: Path) -> str:
+    """The targets table, rendered by bench/render_tables.py from the results in ``d`` (one
+    source: README, docs/performance.md and cpu_summary.md show the same table)."""
+    import render_tables as rt
 
-
-def targets(d: Path) -> list[list]:
-    """``[target, case, measured, status]`` rows from the results in ``d``."""
-    rows = []
-    ov = load("overhead", d)
-    if ov:
-        for key, r in ov["cases"].items():
-            for v in ("sample", "pairwise"):
-                if "per_probe_ratio_spread" in r:
-                    rows.append(["overhead <= 1.05 (CPU)", f"{key}, variance={v}", _band(r["per_probe_ratio_spread"][v]),
-                                 r["verdict_5pct"][v]])
-    mem = load("memory", d)
-    if mem:
-        for name, r in mem["cases"].items():
-            for m in ("sequential, sample", "sequential, pairwise"):
-                x = r["ratio"][m]
-                rows.append(["memory <= 1.2x one HVP (sequential)", f"{name}, {m}", f"{x:.2f}",
-                             "met" if x <= 1.2 else "not met"])
-    pr = load("probing", d)
-    if pr:
-        for name, r in pr["cases"].items():
-            t, ra = r["targets"], r.get("ratios", {})
-            if not isinstance(t.get("auto_ge_10x_global"), str):
-                continue  # an older results format
-            g = ra.get("global_over", {}).get("auto")
-            rows.append(["auto >= 10x faster than global (coupled)", name, _band(g) if g else "-",
-                         t["auto_ge_10x_global"]])
-            b = ra.get("auto_over_best")
-            rows.append(["auto <= 1.2x the best scheme", f"{name} (best: {t['best']})", _band(b) if b else "-",
-                         t["auto_within_20pct"]])
-    pe = load("peers", d)
-    if pe:
-        for name, r in pe["cases"].items():
-            t = r["target"]
-            if t.get("fastest_peer") and "verdict" in t:
-                sp = t["speedup"]
-                rows.append([">= 3x faster than the fastest peer", f"{name} (vs {t['fastest_peer']})",
-                             _band(sp) if sp else "-", t["verdict"]])
-    return rows
+    saved, rt.RESULTS = rt.RESULTS, d
+    try:
+        return rt.s_targets()
+    except rt.MissingResults as exc:
+        return f"(no targets: {exc} is missing from {d})"
+    finally:
+        rt.RESULTS = saved
 
 
 def main(argv=None) -> int:
@@ -144,7 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--publish", action="store_true", help="write bench/results/ and re-render the tables")
     ap.add_argument("--allow-load", action="store_true",
                     help="publish even when the load average exceeds the core count (results labelled)")
-    ap.add_argument("--summary-only", action="store_true", help="rebuild the summary from existing results")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="rebuild cpu_summary.* from existing results (no measurement, so no load check)")
     ap.add_argument("--list", action="store_true", help="list the suites and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -158,7 +128,7 @@ def main(argv=None) -> int:
     d = out_dir(args)
     d.mkdir(parents=True, exist_ok=True)
     now, n = bm.load_average(), bm.cores()
-    if args.publish and not args.quick and now is not None and now > n and not args.allow_load:
+    if args.publish and not args.quick and not args.summary_only and now is not None and now > n and not args.allow_load:
         print(f"[cpu suite] refusing to publish: the load average is {now:.2f} on {n} cores, so timings would not be "
               "comparable with a quiet run. Wait for a quiet machine, or pass --allow-load to publish results "
               "labelled as measured under load.", file=sys.stderr)
@@ -177,13 +147,9 @@ def main(argv=None) -> int:
             if args.publish and not args.quick and r["rc"] == 0:
                 for legacy in LEGACY.get(s, []):
                     (RESULTS / legacy).unlink(missing_ok=True)
-    rows = targets(d)
-    md = ("### Targets, CPU\n\n"
-          "Ratios are medians over interleaved rounds with their interquartile range (5 rounds or more) "
-          "or full range; 'inside the noise' when that band straddles the threshold.\n\n"
-          + bm.md_table(["target", "case", "measured", "status"], rows) + "\n")
-    (d / "cpu_summary.json").write_text(json.dumps({"environment": bm.environment(), "runs": runs,
-                                                    "targets": rows}, indent=2, default=str) + "\n")
+    md = "### Targets, CPU\n\n" + targets_markdown(d) + "\n"
+    (d / "cpu_summary.json").write_text(json.dumps({"environment": bm.environment(), "runs": runs, "targets": md},
+                                                   indent=2, default=str) + "\n")
     (d / "cpu_summary.md").write_text(md)
     print(md)
     ok = all(r["rc"] == 0 for r in runs.values())
