@@ -16,23 +16,31 @@ For each model, in one run: seconds per probe (median of 5 rounds / K) of
 
 All calls use the same backbones (``reverse-batched`` Hessian, ``ggn-vmap`` GGN) and the same
 probe batch, so the ratios compare the algorithms, not backbone choices. Models (float32):
-the SPEC's tanh MLP 16-32-32-8 on 256 samples, and ``zoo.make_resnet`` (ResNet-18 layout,
-width 8, 8 images of 16x16, BatchNorm in train mode). The ratios are printed at the end and
-written to ``bench/results/curvature_ratios.json``. Run (one thread, as in the report)::
+the tanh MLP 16-32-32-8 of docs/maths.md on 256 samples, and ``zoo.make_resnet`` (ResNet-18
+layout, width 8, 8 images of 16x16, BatchNorm in train mode).
 
-    OMP_NUM_THREADS=1 pytest bench/bench_curvature.py -s --benchmark-columns=median,rounds
+**What "per probe" means here.** Each call runs ``K = 16`` probes (2 probe indices for
+``mode="block"``) from scratch, and its wall time is divided by that count: the per-call
+set-up (forward pass, first-order graph, block layout) is spread over 16 probes, and
+``block_traces`` uses its default error bars (the pairwise variance). This is a different
+quantity from ``bench_overhead.py``'s per-probe ratio, the *marginal* cost of one more
+probe ``(T(64) - T(8)) / 56``, which leaves the set-up out.
+
+Every variant runs once per round, in an order that rotates from round to round; ratios
+are taken per round and reported as a median with the interquartile range. Results:
+``bench/results/cpu_curvature.{json,md}`` (through :func:`models.write_results`).
+
+    pytest bench/bench_curvature.py -s --benchmark-disable                          # full run
+    HUTCHTRACE_BENCH_QUICK=1 pytest bench/bench_curvature.py --benchmark-disable    # smoke
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import hutchtrace
+import models as bm
 from hutchtrace import zoo
 from hutchtrace.coupling import block_coupling
 from hutchtrace.curvature_op import CurvatureProducts, probe_rows
@@ -44,8 +52,7 @@ K = 16
 K_BLOCK = 2
 ROWS = 16
 CASES = ("mlp", "resnet")
-_PER_PROBE: dict[tuple[str, str], float] = {}
-_EXTRA: dict[str, dict] = {}
+_RESULTS: dict[str, dict] = {}
 
 
 def _make(case):
@@ -54,37 +61,8 @@ def _make(case):
     return zoo.make_resnet(n=8, size=16, width=8, dtype=torch.float32)
 
 
-@pytest.fixture(scope="module", params=CASES)
-def case(request):
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model, crit, data = _make(request.param)
-    L = len(hutchtrace.resolve_blocks(model).blocks)
-    _EXTRA[request.param] = {"L": L, "P": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    return request.param, model, crit, data, L
-
-
-ROUNDS = 11
-
-
-def _time(benchmark, case_name, name, fn, probes):
-    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing timed
-        return
-    per_probe = benchmark.stats.stats.median / probes
-    _PER_PROBE[(case_name, name)] = per_probe
-    benchmark.extra_info["per_probe_s"] = per_probe
-    base = _PER_PROBE.get((case_name, "block_traces"))
-    if base:
-        benchmark.extra_info["ratio_vs_block_traces"] = per_probe / base
-
-
-def bench_block_traces(benchmark, case):
-    name, model, crit, data, _ = case
-    _time(benchmark, name, "block_traces", lambda: hutchtrace.block_traces(
-        model, crit, K=K, data=data, seed=0, hvp="reverse-batched", probe_batch=ROWS, progress=False), K)
-
-
 def _loop(model, crit, data, curvature, hvp):
+    """The bare products: probe generation + batched products of one backbone, nothing else."""
     layout = hutchtrace.resolve_blocks(model)
     spec = make_loss_spec(crit, data)
 
@@ -98,71 +76,64 @@ def _loop(model, crit, data, curvature, hvp):
     return run
 
 
-def bench_hvp_loop(benchmark, case):
-    name, model, crit, data, _ = case
-    _time(benchmark, name, "hvp_loop", _loop(model, crit, data, "hessian", "reverse-batched"), K)
+def _variants(model, crit, data):
+    """``name -> (callable, probes per call)``."""
+    kw = dict(data=data, seed=0, probe_batch=ROWS, progress=False)
+    return {
+        "block_traces": (lambda: hutchtrace.block_traces(model, crit, K=K, hvp="reverse-batched", **kw), K),
+        "hvp_loop": (_loop(model, crit, data, "hessian", "reverse-batched"), K),
+        "ggn_loop": (_loop(model, crit, data, "ggn", "ggn-vmap"), K),
+        "block_traces_ggn": (lambda: hutchtrace.block_traces(model, crit, K=K, curvature="ggn", hvp="ggn-vmap", **kw),
+                             K),
+        "decompose": (lambda: decompose(model, crit, K=K, hvp="reverse-batched", ggn="ggn-vmap", **kw), K),
+        "coupling_block": (lambda: block_coupling(model, crit, K=K_BLOCK, mode="block", hvp="reverse-batched", **kw),
+                           K_BLOCK),
+        "coupling_rowsum": (lambda: block_coupling(model, crit, K=K, mode="rowsum", hvp="reverse-batched", **kw), K),
+        "coupling_ustat": (lambda: block_coupling(model, crit, K=K, mode="ustat", hvp="reverse-batched", **kw), K),
+    }
 
 
-def bench_ggn_loop(benchmark, case):
-    name, model, crit, data, _ = case
-    _time(benchmark, name, "ggn_loop", _loop(model, crit, data, "ggn", "ggn-vmap"), K)
+@pytest.fixture(scope="module", autouse=True)
+def _write():
+    bm.begin_suite("curvature")
+    yield
+    if not _RESULTS:
+        return
+    rows = []
+    for case, r in _RESULTS.items():
+        for v, sp in r["ratio_vs_block_traces"].items():
+            lp = r["ratio_vs_hvp_loop"][v]
+            rows.append([case, v, f"{1e3 * r['per_probe_s'][v]['median']:.3g}",
+                         f"{sp['median']:.2f} [{sp['q1']:.2f}-{sp['q3']:.2f}]",
+                         f"{lp['median']:.2f} [{lp['q1']:.2f}-{lp['q3']:.2f}]"])
+    md = ("### Curvature diagnostics: cost per probe (whole call / probes)\n\n"
+          + bm.md_table(["model", "call", "ms per probe (median)", "vs block_traces, median [IQR]",
+                         "vs bare HVP loop, median [IQR]"], rows)
+          + f"\n\nK = {K} probes per call ({K_BLOCK} probe indices of L products for coupling_block), "
+            f"probe batch {ROWS}; ratios per round over {r['rounds']} interleaved rounds.\n")
+    bm.write_results("curvature", {"K": K, "K_block": K_BLOCK, "probe_batch": ROWS, "cases": _RESULTS}, md)
 
 
-def bench_block_traces_ggn(benchmark, case):
-    name, model, crit, data, _ = case
-    _time(benchmark, name, "block_traces_ggn", lambda: hutchtrace.block_traces(
-        model, crit, K=K, data=data, seed=0, curvature="ggn", hvp="ggn-vmap", probe_batch=ROWS, progress=False), K)
-
-
-def bench_decompose(benchmark, case):
-    name, model, crit, data, _ = case
-    _time(benchmark, name, "decompose", lambda: decompose(
-        model, crit, K=K, data=data, seed=0, hvp="reverse-batched", ggn="ggn-vmap", probe_batch=ROWS,
-        progress=False), K)
-
-
-def bench_coupling_block(benchmark, case):
-    name, model, crit, data, L = case
-    _time(benchmark, name, "coupling_block", lambda: block_coupling(
-        model, crit, K=K_BLOCK, data=data, seed=0, mode="block", hvp="reverse-batched", probe_batch=ROWS,
-        progress=False), K_BLOCK)
-    if (name, "coupling_block") in _PER_PROBE:
-        _PER_PROBE[(name, "coupling_block_per_product")] = _PER_PROBE[(name, "coupling_block")] / L
-
-
-def bench_coupling_rowsum(benchmark, case):
-    name, model, crit, data, _ = case
-    _time(benchmark, name, "coupling_rowsum", lambda: block_coupling(
-        model, crit, K=K, data=data, seed=0, mode="rowsum", hvp="reverse-batched", probe_batch=ROWS,
-        progress=False), K)
-
-
-def bench_coupling_ustat(benchmark, case):
-    name, model, crit, data, _ = case
-    _time(benchmark, name, "coupling_ustat", lambda: block_coupling(
-        model, crit, K=K, data=data, seed=0, mode="ustat", hvp="reverse-batched", probe_batch=ROWS,
-        progress=False), K)
-
-
-def bench_zz_report(case):
-    """Not timed: prints and saves the ratios of the runs above (same process, same machine)."""
-    name = case[0]
-    if (name, "block_traces") not in _PER_PROBE:
-        pytest.skip("no timings (benchmarks disabled or the timed runs were deselected)")
-    base = _PER_PROBE[(name, "block_traces")]
-    loop = _PER_PROBE[(name, "hvp_loop")]
-    ratios = {k[1]: v / base for k, v in _PER_PROBE.items() if k[0] == name}
-    vs_loop = {k[1]: v / loop for k, v in _PER_PROBE.items() if k[0] == name}
-    _EXTRA[name]["per_probe_s_block_traces"] = base
-    _EXTRA[name]["per_probe_s_hvp_loop"] = loop
-    _EXTRA[name]["ratios_vs_block_traces"] = ratios
-    _EXTRA[name]["ratios_vs_hvp_loop"] = vs_loop
-    print(f"\n[{name}] L={_EXTRA[name]['L']} P={_EXTRA[name]['P']}  block_traces {base * 1e3:.3f} ms/probe, "
-          f"HVP loop {loop * 1e3:.3f} ms/probe")
-    print(f"  {'':<28} {'vs block_traces':>16} {'vs HVP loop':>12}")
-    for k, v in ratios.items():
-        print(f"  {k:<28} {v:15.2f}x {vs_loop[k]:11.2f}x")
-    out = Path(__file__).parent / "results" / "curvature_ratios.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"K": K, "K_block": K_BLOCK, "probe_batch": ROWS, "threads": torch.get_num_threads(),
-                               "cases": _EXTRA}, indent=2))
+@pytest.mark.parametrize("case", CASES)
+def bench_curvature_costs(benchmark, case):
+    bm.set_threads()
+    model, crit, data = _make(case)
+    L = hutchtrace.resolve_blocks(model).num_blocks
+    variants = _variants(model, crit, data)
+    fns = {n: f for n, (f, _) in variants.items()}
+    for f in fns.values():  # warm-up (lazy initialisation, caches)
+        f()
+    rounds = 1 if bm.quick() else 7
+    times = bm.interleave(fns, rounds)
+    per_probe = {n: [t / variants[n][1] for t in ts] for n, ts in times.items()}
+    per_probe["coupling_block_per_product"] = [t / L for t in per_probe["coupling_block"]]
+    _RESULTS[case] = {
+        "L": L, "P": bm.numel(model), "rounds": rounds,
+        "per_probe_s": {n: bm.spread(v) for n, v in per_probe.items()},
+        "ratio_vs_block_traces": {n: bm.spread(bm.paired_ratios(v, per_probe["block_traces"]))
+                                  for n, v in per_probe.items()},
+        "ratio_vs_hvp_loop": {n: bm.spread(bm.paired_ratios(v, per_probe["hvp_loop"])) for n, v in per_probe.items()},
+    }
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\n[{case}] L={L}: " + ", ".join(
+        f"{n} {_RESULTS[case]['ratio_vs_hvp_loop'][n]['median']:.2f}x" for n in per_probe) + " (vs the HVP loop)")

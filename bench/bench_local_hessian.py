@@ -1,4 +1,4 @@
-"""Closed-form vs generic exact local Hessian (SPEC section 7).
+"""Closed-form vs generic exact local Hessian (docs/maths.md section 7).
 
 Main case: ``Linear(256 -> 256) + tanh``, ``N = 32`` block inputs, float32, ``p = 65,792``.
 
@@ -11,14 +11,18 @@ Main case: ``Linear(256 -> 256) + tanh``, ``N = 32`` block inputs, float32, ``p 
   as they arrive: the timing is the generic path's arithmetic, without the storage it would
   need on top.
 
-Second case, small enough to run end to end on both paths: ``Linear(64 -> 64) + tanh``,
-``N = 16``, float64 (SPEC's measured case): the local Hessian *and* its full spectrum
-(closed form: 64 eigendecompositions of 65 x 65; dense paths: one of 4160 x 4160).
+Second case, small enough to run end to end on every path: ``Linear(64 -> 64) + tanh``,
+``N = 16``, float64: the local Hessian *and* its full spectrum (closed form: 64
+eigendecompositions of 65 x 65; dense paths: one of 4160 x 4160).
 
-Correctness is asserted once per case before any timing. With ``--benchmark-disable`` (smoke
-runs) the 256 generic case streams 1024 rows only. Run (one thread, as in the report):
+Timing: the methods of a case run in interleaved rounds (the order rotating); the ratio
+``generic / closed form`` is taken per round and reported as a median with its range. The
+256 generic path takes minutes, so it runs once, between closed-form rounds, and its ratio
+is taken against each of them. Correctness is asserted once per case before any timing.
+Results: ``bench/results/cpu_local_hessian.{json,md}`` (through :func:`models.write_results`).
 
-    OMP_NUM_THREADS=1 pytest bench/bench_local_hessian.py --benchmark-columns=mean,stddev,rounds
+    pytest bench/bench_local_hessian.py -s --benchmark-disable                       # full run (~3 min)
+    HUTCHTRACE_BENCH_QUICK=1 pytest bench/bench_local_hessian.py --benchmark-disable  # smoke (1024 rows)
 """
 
 from __future__ import annotations
@@ -27,7 +31,28 @@ import pytest
 import torch
 from torch import nn
 
+import models as bm
 from hutchtrace.local_hessian import local_hessian, local_hessian_rows
+
+_RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write():
+    bm.begin_suite("local_hessian")
+    yield
+    if not _RESULTS:
+        return
+    rows = []
+    for key, r in _RESULTS.items():
+        for m, sp in r["ratio_over_closed_form"].items():
+            rows.append([r["case"], m, f"{r['seconds'][m]['median']:.4g}", r["seconds"][m]["n"],
+                         f"{r['seconds']['closed_form']['median']:.4g}",
+                         f"{sp['median']:.0f}x [{sp['min']:.0f}-{sp['max']:.0f}]"])
+    md = ("### Exact local Hessian: closed form vs the dense paths\n\n"
+          + bm.md_table(["case", "path", "seconds (median)", "rounds", "closed form seconds (median)",
+                         "path / closed form, per round: median [range]"], rows) + "\n")
+    bm.write_results("local_hessian", {"cases": _RESULTS}, md)
 
 
 def _layer(n, m, N, dtype, seed=0):
@@ -72,36 +97,40 @@ def case256():
     return _layer(256, 256, 32, torch.float32)
 
 
-def bench_local_hessian_256_closed_form(benchmark, case256):
+def bench_local_hessian_256(benchmark, case256):
+    """Closed form (5 rounds) around one streamed generic run; ratio per closed-form round."""
+    bm.set_threads()
     layer, z = case256
-    lh = benchmark.pedantic(
-        lambda: local_hessian(layer, z, layer, activation="tanh", method="closed_form"),
-        rounds=5,
-        iterations=1,
-        warmup_rounds=1,
-    )
-    assert lh.blocks.shape == (256, 257, 257)
-    benchmark.extra_info.update(numel=lh.numel, stored_entries=lh.blocks.numel())
+    # a smoke run streams 1024 rows instead of all 65,792 (its ratio is not the full one)
+    pick = torch.arange(1024) if bm.quick() else None
 
+    def closed():
+        lh = local_hessian(layer, z, layer, activation="tanh", method="closed_form")
+        assert lh.blocks.shape == (256, 257, 257)
 
-def bench_local_hessian_256_generic(benchmark, case256):
-    layer, z = case256
-    # --benchmark-disable (a smoke run): exercise the path on 1024 rows instead of all 65,792
-    pick = torch.arange(1024) if benchmark.disabled else None
-
-    def run():
+    def generic():
         diag = []
-        for idx, rows in local_hessian_rows(
-            layer, z, layer, activation="tanh", rows=pick, chunk=512, progress=False
-        ):
+        for idx, rows in local_hessian_rows(layer, z, layer, activation="tanh", rows=pick, chunk=512,
+                                            progress=False):
             diag.append(rows[torch.arange(len(idx)), idx])
-        return torch.cat(diag)
+        d = torch.cat(diag)
+        ref = local_hessian(layer, z, layer, activation="tanh").diagonal()
+        ref = ref if pick is None else ref[pick]
+        assert torch.allclose(d, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
-    d = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    ref = local_hessian(layer, z, layer, activation="tanh").diagonal()
-    ref = ref if pick is None else ref[pick]
-    assert torch.allclose(d, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
-    benchmark.extra_info.update(numel=d.numel(), dense_entries=d.numel() ** 2)
+    closed()  # warm-up
+    cf = [bm.timed(closed) for _ in range(2)]
+    gen = bm.timed(generic)
+    cf += [bm.timed(closed) for _ in range(3)]
+    _RESULTS["256"] = {
+        "case": "Linear(256->256)+tanh, N = 32, float32: the local Hessian" + (" (smoke: 1024 rows)" if pick is not None
+                                                                              else ""),
+        "p": 65792, "rows_streamed": 1024 if pick is not None else 65792,
+        "seconds": {"closed_form": bm.spread(cf), "generic": bm.spread([gen])},
+        "ratio_over_closed_form": {"generic": bm.spread([gen / c for c in cf])},
+    }
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\n256: closed form {bm.spread(cf)['median']:.3g} s, generic {gen:.3g} s")
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +143,25 @@ def case64():
     return layer, z
 
 
-@pytest.mark.parametrize("method", ["closed_form", "generic", "rows"])
-def bench_local_hessian_64_with_spectrum(benchmark, case64, method):
+def bench_local_hessian_64_with_spectrum(benchmark, case64):
+    """The three paths with the full spectrum, 3 interleaved rounds; ratios per round."""
+    bm.set_threads()
     layer, z = case64
 
-    def run():
-        lh = local_hessian(layer, z, layer, activation="tanh", method=method, progress=False)
-        return lh.eigenvalues()
+    def run(method):
+        def f():
+            ev = local_hessian(layer, z, layer, activation="tanh", method=method, progress=False).eigenvalues()
+            assert ev.shape == (64 * 65,)
+        return f
 
-    ev = benchmark.pedantic(run, rounds=3 if method == "closed_form" else 1, iterations=1, warmup_rounds=1)
-    assert ev.shape == (64 * 65,)
+    fns = {m: run(m) for m in ("closed_form", "generic", "rows")}
+    for f in fns.values():  # warm-up
+        f()
+    times = bm.interleave(fns, 1 if bm.quick() else 3)
+    _RESULTS["64"] = {
+        "case": "Linear(64->64)+tanh, N = 16, float64: the local Hessian and all 4160 eigenvalues",
+        "p": 4160, "seconds": {m: bm.spread(t) for m, t in times.items()},
+        "ratio_over_closed_form": {m: bm.spread(bm.paired_ratios(times[m], times["closed_form"]))
+                                   for m in ("generic", "rows")},
+    }
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)

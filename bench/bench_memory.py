@@ -70,6 +70,7 @@ def one_hvp(model, crit, data, dev):
 
 @pytest.fixture(scope="module", autouse=True)
 def _write():
+    bm.begin_suite("memory")
     yield
     if _RESULTS:
         rows = []

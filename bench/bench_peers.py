@@ -42,10 +42,17 @@ peer that fails (e.g. a wrong product) is reported as such and not timed. BackPA
 are checked against the exact Hessian. A peer that is not installed is skipped
 (``pytest.importorskip``).
 
-Runs that exceed their probe cap or time budget are extrapolated as in ``bench_probing``
-(``K* = K max_b (SE_b/eps_b)^2``, ``eps_b`` from the traces pooled over every method's run,
-:func:`models.extrapolate`). hutchtrace runs ``probing="auto"``; its ``global`` and
-``isolated`` schemes are timed too so the table separates algorithm from implementation.
+**Rounds.** One round per seed; within a round every method runs once, in an order that
+rotates from round to round (background load hits every method alike). The speed-up over
+the fastest peer is taken per round, ``peer seconds / hutchtrace seconds``, and reported as
+the median and range over rounds.
+
+**Measured, not extrapolated.** A run that stops at its probe cap or its time budget is
+projected from its measured standard errors (``K* = K max_b (SE_b/eps_b)^2``, ``eps_b`` from
+the traces pooled over every method's runs, :func:`models.project`) only when ``K*/K <= 10``,
+and labelled with that factor; beyond 10x it is reported as not reached, with the measured
+lower bound. hutchtrace runs ``probing="auto"``; its ``global`` and ``isolated`` schemes are
+timed too so the table separates algorithm from implementation.
 
 Target (issue 9): hutchtrace at least 3x faster than the fastest peer on every model where
 that peer runs. Models: the ``small`` scale of :mod:`models`. One thread.
@@ -73,14 +80,40 @@ PEERS = ("pyhessian", "curvlinops", "eigenthings", "backpack")
 _RESULTS: dict[str, dict] = {}
 
 
-def _budget() -> float:
-    return 3.0 if bm.quick() else 25.0
+SEEDS = (0, 1)
+
+
+def _seeds():
+    return SEEDS[:1] if bm.quick() else SEEDS
+
+
+def _budget(scheme: str) -> float:
+    """Wall-clock budget of one peer run. A peer's global scheme is never its fastest on the
+    coupled models (it is reported as projected or not reached); its isolated scheme gets
+    the time to reach the target or a projection within 10x."""
+    if bm.quick():
+        return 3.0
+    return 15.0 if scheme == "global" else 60.0
 
 
 def _cap(scheme: str, L: int) -> int:
     if bm.quick():
         return 32
-    return 20000 if scheme == "global" else max(64, 40000 // L)
+    return 32000 if scheme == "global" else max(64, 80000 // L)
+
+
+def peer_versions() -> dict:
+    """Installed versions of the peers (None when absent)."""
+    from importlib import metadata
+
+    out = {}
+    for peer, dist in (("pyhessian", "PyHessian"), ("curvlinops", "curvlinops-for-pytorch"),
+                       ("eigenthings", "hessian-eigenthings"), ("backpack", "backpack-for-pytorch")):
+        try:
+            out[peer] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[peer] = None
+    return out
 
 
 # ----------------------------------------------------------------------------- the job
@@ -113,7 +146,7 @@ def hutchinson_to_target(job: Job, setup, samples, scheme: str, seed: int = 0) -
     t0 = time.perf_counter()
     state = setup()
     gen = torch.Generator().manual_seed(seed)
-    cap, budget = _cap(scheme, job.L), _budget()
+    cap, budget = _cap(scheme, job.L), _budget(scheme)
     chunks, K, n_round = [], 0, 16
     while True:
         todo = n_round
@@ -134,9 +167,8 @@ def hutchinson_to_target(job: Job, setup, samples, scheme: str, seed: int = 0) -
         n_round = int(min(max(math.ceil(1.1 * need) - K, 8), K, cap - K))
     per_probe_rows = 1 if scheme == "global" else job.L
     # time and rows to the target: extrapolated in bench_peers once every method has run
-    return {"seconds": elapsed, "rows": K * per_probe_rows, "K": K, "converged": met, "extrapolated": not met,
-            "measured_seconds": elapsed, "measured_rows": K * per_probe_rows, "means": mean.tolist(),
-            "se": se.tolist()}
+    return {"seed": seed, "K": K, "converged": met, "measured_seconds": elapsed,
+            "measured_rows": K * per_probe_rows, "means": mean.tolist(), "se": se.tolist()}
 
 
 def per_block(job: Job, products, Z) -> torch.Tensor:
@@ -299,115 +331,159 @@ def backpack_exact(job: Job):
 
 
 # ----------------------------------------------------------------------------- hutchtrace
-def ours(job: Job, scheme: str) -> dict:
-    cap = {"global": 20000, "isolated": max(64, 40000 // job.L), "auto": max(64, 80000 // job.L)}[scheme]
+def ours(job: Job, scheme: str, seed: int) -> dict:
+    # global: capped lower than in bench_probing (which measures it); here it only places
+    # the peers' global loops
+    cap = {"global": 8000, "isolated": max(64, 80000 // job.L), "auto": max(64, 160000 // job.L)}[scheme]
     if bm.quick():
         cap = 32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         t0 = time.perf_counter()
-        res = hutchtrace.block_traces(job.model, job.crit, K=16, data=job.data, seed=1, rtol=RTOL, probing=scheme,
-                                      max_K=cap, progress=False)
+        res = hutchtrace.block_traces(job.model, job.crit, K=16, data=job.data, seed=seed, rtol=RTOL,
+                                      probing=scheme, max_K=cap, progress=False)
         secs = time.perf_counter() - t0
-    rows = res.meta["hvp_rows"]
-    return {"seconds": secs, "rows": rows, "K": res.meta["K"], "converged": bool(res.meta["converged"]),
-            "extrapolated": not res.meta["converged"], "measured_seconds": secs, "measured_rows": rows,
-            "final_plan": res.meta["probing"], "means": [b.mean for b in res.blocks],
-            "se": [b.se for b in res.blocks]}
+    return {"seed": seed, "K": res.meta["K"], "converged": bool(res.meta["converged"]), "measured_seconds": secs,
+            "measured_rows": res.meta["hvp_rows"], "final_plan": res.meta["probing"],
+            "means": [b.mean for b in res.blocks], "se": [b.se for b in res.blocks]}
+
+
+def _fmt_time(agg: dict) -> str:
+    if agg["status"] == "not reached":
+        return f"not reached (> {agg['measured_seconds']['min']:.3g} s)"
+    s = agg["seconds"]
+    txt = f"{s['median']:.3g} s [{s['min']:.3g}-{s['max']:.3g}]"
+    return txt + (f" projected x{agg['factor']:.2g}" if agg["status"] == "projected" else "")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write():
+    bm.begin_suite("peers")
     yield
     if not _RESULTS:
         return
     parts = ["### hutchtrace vs peers: time to 5 % relative SE on every non-negligible block\n"]
     for name, r in _RESULTS.items():
         rows = []
-        for who, x in r["runs"].items():
+        for who, x in r["methods"].items():
             if "error" in x:
-                rows.append([who, "-", "-", "-", "-", x["error"][:90]])
+                rows.append([who, x["error"][:90], "-", "-"])
             else:
-                rows.append([who, x["seconds"], x["rows"], x.get("K", "-"),
-                             "yes" if x.get("extrapolated") else "no", x.get("note", "")])
-        parts.append(f"**{name}** (P = {r['P']}, L = {r['L']})\n")
-        parts.append(bm.md_table(["method", "seconds", "HVP rows", "probes", "extrapolated", "note"], rows))
+                rows.append([who, _fmt_time(x), f"{x['rows']['median']:.4g}" if "rows" in x else "-", x.get("note", "")])
+        parts.append(f"**{name}**: {r['model']} (P = {r['P']}, L = {r['L']}; {r['rounds']} rounds)\n")
+        parts.append(bm.md_table(["method", "time to target, median [range]", "HVP rows (median)", "note"], rows))
         t = r["target"]
-        parts.append(f"\nfastest peer: {t['fastest_peer']} ({t['fastest_peer_seconds']:.3g} s); hutchtrace auto "
-                     f"{t['ours_seconds']:.3g} s: **{t['speedup']:.3g}x** (target >= 3x: "
-                     f"{'met' if t['met'] else 'not met'})\n")
-    bm.write_results("peers", {"rtol": RTOL, "cases": _RESULTS}, "\n".join(parts))
+        if t["fastest_peer"]:
+            sp = t["speedup"]
+            txt = (f"{sp['median']:.3g}x [{sp['min']:.3g}-{sp['max']:.3g}]" if sp else "unknown (a run not reached)")
+            parts.append(f"\nfastest peer: {t['fastest_peer']}; hutchtrace auto over it, per round: **{txt}** "
+                         f"(target >= 3x: {t['verdict']})\n")
+        else:
+            parts.append("")
+    bm.write_results("peers", {"rtol": RTOL, "max_projection": bm.MAX_PROJECTION, "cases": _RESULTS},
+                     "\n".join(parts))
 
 
-@pytest.mark.parametrize("name", bm.MODELS)
-def bench_peers(benchmark, name):
-    bm.set_threads()
-    dev = bm.device()
-    job = Job(name, dev)
-    runs: dict[str, dict] = {}
-    # hutchtrace: warm the backbone cache, then the timed runs
-    kw = 8 if bm.quick() else 32
-    hutchtrace.block_traces(job.model, job.crit, K=kw, data=job.data, seed=3, probing="isolated", progress=False)
-    hutchtrace.block_traces(job.model, job.crit, K=kw, data=job.data, seed=3, probing="global", progress=False)
-    for scheme in ("auto", "global", "isolated"):
-        runs[f"hutchtrace {scheme}"] = ours(job, scheme)
-    makers = {"pyhessian": pyhessian_peer, "curvlinops": curvlinops_peer, "eigenthings": eigenthings_peer}
-    for peer, maker in makers.items():
-        try:
-            setup, samples, hvp = maker(job)
-        except pytest.skip.Exception as exc:
-            runs[peer] = {"error": f"not installed ({exc})"}
-            continue
-        try:
-            with bm.preserved(job.model):
-                err = check_hvp(job, hvp)
-        except Exception as exc:  # noqa: BLE001 - an unsupported model is a result
-            runs[peer] = {"error": f"fails on this model: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
-            continue
-        if not err <= 1e-3:
-            runs[peer] = {"error": f"wrong Hessian-vector products (relative error {err:.2g}); not timed"}
-            continue
-        for scheme in ("global", "isolated"):
-            try:
-                with bm.preserved(job.model):
-                    runs[f"{peer} {scheme}"] = hutchinson_to_target(job, setup, samples, scheme)
-            except Exception as exc:  # noqa: BLE001
-                runs[f"{peer} {scheme}"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+def _run_backpack(job: Job) -> dict:
     try:
         with bm.preserved(job.model):
             t0 = time.perf_counter()
             exact = backpack_exact(job)
             secs = time.perf_counter() - t0
-        runs["backpack DiagHessian"] = {"seconds": secs, "rows": 0, "K": 0, "extrapolated": False,
-                                        "note": "exact diagonal, supported layers only"}
         if bm.numel(job.model) <= 6000:
             from hutchtrace.exact import exact_block_traces, exact_hessian
 
             H, layout = exact_hessian(job.model, job.crit, data=job.data)
             want = exact_block_traces(H, layout)
             assert torch.allclose(exact, want, rtol=1e-3, atol=1e-5 * float(want.abs().max())), (exact, want)
+        # exact in one pass: reached, no probes
+        return {"K": 0, "converged": True, "status": "reached", "factor": 1.0, "measured_seconds": secs,
+                "measured_rows": 0, "seconds": secs, "rows": 0}
     except pytest.skip.Exception as exc:
-        runs["backpack"] = {"error": f"not installed ({exc})"}
-    except Exception as exc:  # noqa: BLE001
-        runs["backpack"] = {"error": f"unsupported: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
-    sampled = [v for v in runs.values() if "se" in v]
+        return {"error": f"not installed ({exc})"}
+    except Exception as exc:  # noqa: BLE001 - an unsupported model is a result
+        return {"error": f"unsupported: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+
+
+@pytest.mark.parametrize("name", bm.MODELS)
+def bench_peers(benchmark, name):
+    bm.set_threads()
+    dev = bm.device()
+    scale = bm.scale("small")
+    job = Job(name, dev)
+    # hutchtrace: warm the backbone cache before the timed runs
+    kw = 8 if bm.quick() else 32
+    hutchtrace.block_traces(job.model, job.crit, K=kw, data=job.data, seed=3, probing="isolated", progress=False)
+    hutchtrace.block_traces(job.model, job.crit, K=kw, data=job.data, seed=3, probing="global", progress=False)
+    methods: dict[str, callable] = {f"hutchtrace {s}": (lambda seed, s=s: ours(job, s, seed))
+                                    for s in ("auto", "global", "isolated")}
+    errors: dict[str, dict] = {}
+    makers = {"pyhessian": pyhessian_peer, "curvlinops": curvlinops_peer, "eigenthings": eigenthings_peer}
+    for peer, maker in makers.items():
+        try:
+            setup, samples, hvp = maker(job)
+        except pytest.skip.Exception as exc:
+            errors[peer] = {"error": f"not installed ({exc})"}
+            continue
+        try:
+            with bm.preserved(job.model):
+                err = check_hvp(job, hvp)
+        except Exception as exc:  # noqa: BLE001 - an unsupported model is a result
+            errors[peer] = {"error": f"fails on this model: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            continue
+        if not err <= 1e-3:
+            errors[peer] = {"error": f"wrong Hessian-vector products (relative error {err:.2g}); not timed"}
+            continue
+        for scheme in ("global", "isolated"):
+            def run(seed, setup=setup, samples=samples, scheme=scheme):
+                with bm.preserved(job.model):
+                    return hutchinson_to_target(job, setup, samples, scheme, seed=seed)
+            methods[f"{peer} {scheme}"] = run
+    # rounds: every method once per seed, the order rotating
+    names = list(methods)
+    runs: dict[str, list] = {n: [] for n in names}
+    for r, seed in enumerate(_seeds()):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            if n in errors:
+                continue
+            try:
+                runs[n].append(methods[n](seed))
+            except Exception as exc:  # noqa: BLE001
+                errors[n] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+    sampled = [x for n, xs in runs.items() if n not in errors for x in xs]
     eps = bm.target_eps(bm.pooled_means(sampled), RTOL)
-    for v in sampled:
-        bm.extrapolate(v, eps)
-    peer_times = {k: v["seconds"] for k, v in runs.items() if not k.startswith("hutchtrace") and "seconds" in v}
-    ours_s = runs["hutchtrace auto"]["seconds"]
-    fastest = min(peer_times, key=peer_times.get) if peer_times else None
+    for x in sampled:
+        bm.project(x, eps)
+    results: dict[str, dict] = {}
+    for n in names:
+        if n in errors:
+            results[n] = errors[n]
+        else:
+            results[n] = {**bm.aggregate(runs[n]), "runs": runs[n]}
+    results.update({k: v for k, v in errors.items() if k not in results})
+    bp = _run_backpack(job)
+    if "error" in bp:
+        results["backpack"] = bp
+    else:
+        # exact, one pass: timed once per round, interleaved is moot (milliseconds)
+        bp_runs = [bp] + [_run_backpack(job) for _ in _seeds()[1:]]
+        runs["backpack DiagHessian"] = bp_runs
+        results["backpack DiagHessian"] = {**bm.aggregate(bp_runs), "runs": bp_runs,
+                                           "note": "exact diagonal, supported layers only"}
+    peers = [n for n, v in results.items() if not n.startswith("hutchtrace") and "seconds" in v]
+    fastest = min(peers, key=lambda n: results[n]["seconds"]["median"]) if peers else None
+    speedup = bm.round_ratios(runs[fastest], runs["hutchtrace auto"]) if fastest else None
     target = {
-        "fastest_peer": fastest, "fastest_peer_seconds": peer_times.get(fastest, float("nan")),
-        "ours_seconds": ours_s,
-        "speedup": (peer_times[fastest] / ours_s) if fastest else float("nan"),
-        "met": bool(fastest and peer_times[fastest] / ours_s >= 3),
+        "fastest_peer": fastest, "speedup": speedup,
+        "verdict": (bm.verdict(speedup, 3.0, "above") if speedup else
+                    ("unknown (a run not reached)" if fastest else "no peer ran")),
     }
-    _RESULTS[name] = {"P": bm.numel(job.model), "L": job.L, "runs": runs, "target": target}
+    _RESULTS[name] = {"model": bm.describe(name, scale), "scale": scale, "P": bm.numel(job.model), "L": job.L,
+                      "versions": peer_versions(),
+                      "rounds": len(_seeds()), "seeds": list(_seeds()), "methods": results, "target": target}
     benchmark.group = "peers"
-    benchmark.extra_info.update({"model": name, "target": target,
-                                 "seconds": {k: v.get("seconds") for k, v in runs.items()}})
+    benchmark.extra_info.update({"model": name, "fastest_peer": fastest})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    print(f"\n{name}: " + "; ".join(f"{k} {v['seconds']:.3g}s" if "seconds" in v else f"{k}: {v['error'][:60]}"
-                                     for k, v in runs.items())
-          + f"\n  -> fastest peer {fastest}, speed-up {target['speedup']:.3g}x")
+    print(f"\n{name}: " + "; ".join(f"{k} {_fmt_time(v)}" if "status" in v else f"{k}: {v['error'][:60]}"
+                                     for k, v in results.items())
+          + f"\n  -> fastest peer {fastest}, speed-up {speedup['median'] if speedup else float('nan'):.3g}x")

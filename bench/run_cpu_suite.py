@@ -1,14 +1,26 @@
-"""Run the CPU throughput suites and summarise them against the issue-9 targets.
+"""Run the CPU benchmark suites, summarise them against the targets, and (with --publish)
+regenerate every published number in one command.
 
-    python bench/run_cpu_suite.py                          # overhead, memory, probing, peers
-    python bench/run_cpu_suite.py --suites overhead,memory
-    python bench/run_cpu_suite.py --quick                  # smoke test (minutes; numbers not meaningful)
+    python bench/run_cpu_suite.py --publish          # the full regeneration (quiet machine; about 45 min, one core)
+    python bench/run_cpu_suite.py                    # the same suites, results under /tmp/hutchtrace-bench
+    python bench/run_cpu_suite.py --quick            # smoke run (minutes; numbers not meaningful; /tmp)
+    python bench/run_cpu_suite.py --suites overhead,memory --publish
+    python bench/run_cpu_suite.py --list             # the suites and what each writes
 
-Each suite is ``pytest bench/bench_<suite>.py`` in a subprocess (one intra-op thread unless
-``HUTCHTRACE_BENCH_THREADS`` is set) and writes ``bench/results/cpu_<suite>.{json,md}``.
-This script then writes ``bench/results/cpu_summary.{json,md}``: every target, the measured
-ratio, met or not. The kernel suite (``bench/bench_kernels.py``) has its own command, see
-docs/kernels.md.
+Each suite runs in a subprocess (one intra-op thread unless ``HUTCHTRACE_BENCH_THREADS`` is
+set) and writes ``<out>/cpu_<suite>.{json,md}``; this script writes ``cpu_summary.{json,md}``
+(the targets table of ``bench/render_tables.py``: every target, the measured value, met / not
+met / inside the noise) and the load average before and after every suite.
+
+``--publish`` writes into ``bench/results/`` and then re-renders the README and docs tables
+(``bench/render_tables.py``). It refuses to start when the machine's load average is above
+its core count, and every suite refuses to overwrite its committed results when the load
+at its start or end was (:func:`models.write_results`); ``--allow-load`` overrides both and
+labels the results "measured under load". Superseded legacy result files are removed when
+the suite that replaces them is published.
+
+The kernel suite (``bench/bench_kernels.py``, pytest-benchmark) and the GPU suite
+(``bench/gpu_suite.py``) have their own commands, see docs/kernels.md and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -23,91 +35,128 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-SUITES = ("overhead", "memory", "probing", "peers")
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # this checkout's hutchtrace, not an installed one
+import models as bm  # noqa: E402
+
+# name -> (command after the python executable, minutes on one quiet core (estimate), what it writes)
+SUITES = {
+    "overhead": (["-m", "pytest", "bench/bench_overhead.py"], 4, "cpu_overhead: block_traces vs the bare HVP"),
+    "memory": (["-m", "pytest", "bench/bench_memory.py"], 2, "cpu_memory: peak memory vs one HVP"),
+    "probing": (["-m", "pytest", "bench/bench_probing.py"], 10, "cpu_probing: time to 5 % SE per scheme"),
+    "peers": (["-m", "pytest", "bench/bench_peers.py"], 12, "cpu_peers: against PyHessian, curvlinops, ..."),
+    "curvature": (["-m", "pytest", "bench/bench_curvature.py"], 2, "cpu_curvature: decompose / coupling costs"),
+    "local_hessian": (["-m", "pytest", "bench/bench_local_hessian.py"], 4,
+                      "cpu_local_hessian: closed form vs generic"),
+    "auto_seeds": (["bench/auto_seeds.py"], 5, "cpu_auto_seeds: auto's HVP rows over seeds (no timing)"),
+    "cusum_arl0": (["bench/cusum_arl0.py"], 3, "cpu_cusum_arl0: simulated in-control ARL0 of CUSUMDetector (no timing)"),
+    "probing_study": (["examples/probing_study.py", "--out", "{out}/probing_study.md", "{quick}"], 3,
+                      "probing_study: exact per-block variances, HVP rows per scheme, K* (float64)"),
+}
+PYTEST_ARGS = ["-q", "-s", "-p", "no:cacheprovider", "-c", "bench/pytest.ini", "--benchmark-disable"]
+# result files a suite's new results replace (removed when that suite is published)
+LEGACY = {"curvature": ["curvature_ratios.json"], "overhead": ["cpu_overhead_run1.json", "cpu_overhead_run1.md"]}
 
 
-def run_suite(suite: str, quick: bool) -> dict:
+def out_dir(args) -> Path:
+    return RESULTS if args.publish and not args.quick else bm.SCRATCH
+
+
+def run_suite(suite: str, args) -> dict:
+    cmd, _, _ = SUITES[suite]
     env = dict(os.environ)
     env.setdefault("HUTCHTRACE_BENCH_THREADS", "1")
     env.setdefault("OMP_NUM_THREADS", env["HUTCHTRACE_BENCH_THREADS"])
-    if quick:
-        env["HUTCHTRACE_BENCH_QUICK"] = "1"
-    else:  # these suites time themselves under --benchmark-disable: results do belong in bench/results
-        env["HUTCHTRACE_BENCH_OUT"] = str(RESULTS)
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pytest", f"bench/bench_{suite}.py", "-q", "-s", "-p",
-                        "no:cacheprovider", "--benchmark-disable"], cwd=ROOT, env=env, capture_output=True,
-                       text=True)
+    # the scripts (auto_seeds, examples/probing_study) must import this checkout's hutchtrace
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["HUTCHTRACE_BENCH_OUT"] = str(out_dir(args))
+    env["HUTCHTRACE_BENCH_QUICK"] = "1" if args.quick else "0"
+    env["HUTCHTRACE_BENCH_PUBLISH"] = "1" if args.publish else "0"
+    if args.allow_load:
+        env["HUTCHTRACE_BENCH_ALLOW_LOAD"] = "1"
+    fill = {"{out}": str(out_dir(args)), "{quick}": "--quick" if args.quick else ""}
+    cmd = [x for x in (fill.get(c, c.replace("{out}", fill["{out}"])) for c in cmd) if x]
+    argv = [sys.executable, *cmd] + (PYTEST_ARGS if cmd[0] == "-m" else [])
+    load_start, t0 = bm.load_average(), time.perf_counter()
+    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     out = p.stdout + p.stderr
-    (RESULTS / f"cpu_{suite}.log").write_text(out)
-    return {"rc": p.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+    d = out_dir(args)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{suite if suite == 'probing_study' else 'cpu_' + suite}.log").write_text(out)
+    refused = "LoadTooHigh" in out
+    return {"rc": p.returncode, "seconds": round(time.perf_counter() - t0, 1), "load_start": load_start,
+            "load_end": bm.load_average(), "refused_for_load": refused}
 
 
-def load(suite: str, quick: bool):
-    base = Path("/tmp/hutchtrace-bench") if quick else RESULTS
-    p = base / f"cpu_{suite}.json"
+def load(suite: str, d: Path):
+    p = d / f"cpu_{suite}.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def targets(quick: bool) -> list[list]:
-    rows = []
-    ov = load("overhead", quick)
-    if ov:
-        for key, r in ov["cases"].items():
-            for v in ("sample", "pairwise"):
-                x = r["per_probe_ratio"][v]
-                rows.append(["overhead <= 1.05 (CPU)", f"{key}, variance={v}", f"{x:.3f}", "met" if x <= 1.05 else "not met"])
-    mem = load("memory", quick)
-    if mem:
-        for name, r in mem["cases"].items():
-            for m in ("sequential, sample", "sequential, pairwise"):
-                x = r["ratio"][m]
-                rows.append(["memory <= 1.2x one HVP (sequential)", f"{name}, {m}", f"{x:.2f}",
-                             "met" if x <= 1.2 else "not met"])
-    pr = load("probing", quick)
-    if pr:
-        for name, r in pr["cases"].items():
-            t = r["targets"]
-            if r["coupled"]:
-                rows.append(["auto >= 10x faster than global (coupled)", name, f"{t['auto_vs_global']:.3g}x",
-                             "met" if t["auto_ge_10x_global"] else "not met"])
-            rows.append(["auto <= 1.2x the best scheme", f"{name} (best: {t['best']})", f"{t['auto_over_best']:.3g}",
-                         "met" if t["auto_within_20pct"] else "not met"])
-    pe = load("peers", quick)
-    if pe:
-        for name, r in pe["cases"].items():
-            t = r["target"]
-            if t["fastest_peer"]:
-                rows.append([">= 3x faster than the fastest peer", f"{name} (vs {t['fastest_peer']})",
-                             f"{t['speedup']:.3g}x", "met" if t["met"] else "not met"])
-    return rows
+def targets_markdown(d: Path) -> str:
+    """The targets table, rendered by bench/render_tables.py from the results in ``d`` (one
+    source: README, docs/performance.md and cpu_summary.md show the same table)."""
+    import render_tables as rt
+
+    saved, rt.RESULTS = rt.RESULTS, d
+    try:
+        return rt.s_targets()
+    except rt.MissingResults as exc:
+        return f"(no targets: {exc} is missing from {d})"
+    finally:
+        rt.RESULTS = saved
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suites", default=",".join(SUITES))
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--summary-only", action="store_true", help="rebuild the summary from existing results")
+    ap.add_argument("--suites", default=",".join(SUITES), help="comma-separated subset of: " + ", ".join(SUITES))
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, results under /tmp")
+    ap.add_argument("--publish", action="store_true", help="write bench/results/ and re-render the tables")
+    ap.add_argument("--allow-load", action="store_true",
+                    help="publish even when the load average exceeds the core count (results labelled)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="rebuild cpu_summary.* from existing results (no measurement, so no load check)")
+    ap.add_argument("--list", action="store_true", help="list the suites and exit")
     args = ap.parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.list:
+        for name, (_, minutes, what) in SUITES.items():
+            print(f"{name:<14} ~{minutes:>2} min  {what}")
+        return 0
+    suites = [x for x in args.suites.split(",") if x]
+    unknown = [x for x in suites if x not in SUITES]
+    if unknown:
+        ap.error(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
+    d = out_dir(args)
+    d.mkdir(parents=True, exist_ok=True)
+    now, n = bm.load_average(), bm.cores()
+    if args.publish and not args.quick and not args.summary_only and now is not None and now > n and not args.allow_load:
+        print(f"[cpu suite] refusing to publish: the load average is {now:.2f} on {n} cores, so timings would not be "
+              "comparable with a quiet run. Wait for a quiet machine, or pass --allow-load to publish results "
+              "labelled as measured under load.", file=sys.stderr)
+        return 2
     runs = {}
     if not args.summary_only:
-        for s in [x for x in args.suites.split(",") if x]:
+        est = sum(SUITES[s][1] for s in suites)
+        print(f"[cpu suite] {', '.join(suites)} -> {d} (about {est} min on one quiet core; load now {now})", flush=True)
+        for s in suites:
             print(f"[cpu suite] {s} ...", flush=True)
-            runs[s] = run_suite(s, args.quick)
-            print(f"[cpu suite] {s}: rc={runs[s]['rc']} in {runs[s]['seconds']} s", flush=True)
-    rows = targets(args.quick)
-    sys.path.insert(0, str(ROOT / "bench"))
-    import models as bm
-
-    md = "### Targets (issue 9), CPU\n\n" + bm.md_table(["target", "case", "measured", "status"], rows) + "\n"
-    out = RESULTS if not args.quick else Path("/tmp/hutchtrace-bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_summary.json").write_text(json.dumps({"environment": bm.environment(), "runs": runs,
-                                                      "targets": rows}, indent=2, default=str) + "\n")
-    (out / "cpu_summary.md").write_text(md)
+            runs[s] = run_suite(s, args)
+            r = runs[s]
+            print(f"[cpu suite] {s}: rc={r['rc']} in {r['seconds']} s (load {r['load_start']} -> {r['load_end']})"
+                  + (" REFUSED: the load was above the core count, see the log" if r["refused_for_load"] else ""),
+                  flush=True)
+            if args.publish and not args.quick and r["rc"] == 0:
+                for legacy in LEGACY.get(s, []):
+                    (RESULTS / legacy).unlink(missing_ok=True)
+    md = "### Targets, CPU\n\n" + targets_markdown(d) + "\n"
+    (d / "cpu_summary.json").write_text(json.dumps({"environment": bm.environment(), "runs": runs, "targets": md},
+                                                   indent=2, default=str) + "\n")
+    (d / "cpu_summary.md").write_text(md)
     print(md)
-    return 0 if all(r["rc"] == 0 for r in runs.values()) else 1
+    ok = all(r["rc"] == 0 for r in runs.values())
+    if args.publish and not args.quick and ok:
+        p = subprocess.run([sys.executable, "bench/render_tables.py"], cwd=ROOT)
+        ok = p.returncode == 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

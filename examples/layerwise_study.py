@@ -17,7 +17,7 @@ Default: about two to four minutes on 2 CPU cores; ``--quick`` takes seconds (sm
 fewer steps; it exercises every code path but its numbers are not meant as evidence).
 
 ``LH_i`` is taken on a fixed batch of ``N`` training samples with ``phi = sum``
-(SPEC section 7); its rank is at most ``m min(N, n+1)`` by construction, which the run checks.
+(docs/maths.md section 7); its rank is at most ``m min(N, n+1)`` by construction, which the run checks.
 """
 
 from __future__ import annotations
@@ -436,7 +436,7 @@ def main(argv=None) -> dict:
     rows = [
         (
             "LH rank signals over-fitting / reduced rank is a warning sign (5.10, 5.13)",
-            f"rank LH = m rank([Z, 1]) (<= m min(N, n+1), SPEC 7) in {ok}/{tot} exact snapshots ("
+            f"rank LH = m rank([Z, 1]) (<= m min(N, n+1), docs/maths.md section 7) in {ok}/{tot} exact snapshots ("
             + ", ".join(f"{a} {v[0]}/{v[1]}" for a, v in results["rank_at_bound"].items())
             + "): the rank is set by the batch and the input's rank; deficits below it are saturated units",
             "rank is structural; only its deficit below m rank([Z,1]) carries a (saturation) signal",

@@ -1,7 +1,7 @@
 """How many probes, and which probing? Exact numbers on the reference models.
 
 For each model (float64, exact Hessian by double backward) this prints, per block, the trace,
-the per-probe variance under global and isolated probing (SPEC Theorem 1.1), the variance
+the per-probe variance under global and isolated probing (docs/maths.md Theorem 1.1), the variance
 inflation ``X_b / V0_b + 1`` that global probing pays, and the probes each scheme needs for a
 5 % relative standard error. It then runs ``block_traces`` with ``rtol=0.05`` for every scheme
 and reports the HVP rows and wall time actually spent, and finally the critical probe count

@@ -73,13 +73,13 @@ def block(M: torch.Tensor, layout, b: int, c: int | None = None) -> torch.Tensor
 
 
 def rademacher_var_of_sq(A: torch.Tensor) -> float:
-    """``Var ||A z||^2`` for a Rademacher ``z`` (SPEC Q2): ``2||A^T A||_F^2 - 2 sum_j (A^T A)_jj^2``."""
+    """``Var ||A z||^2`` for a Rademacher ``z`` (docs/maths.md Q2): ``2||A^T A||_F^2 - 2 sum_j (A^T A)_jj^2``."""
     AtA = A.T @ A
     return float(2 * (AtA**2).sum() - 2 * (torch.diagonal(AtA) ** 2).sum())
 
 
 def hutchinson_var(S: torch.Tensor, cross: float = 0.0, kind: str = "rademacher") -> float:
-    """SPEC Theorem 1.1: ``Var z_b^T (M z)_b = 2 F_bb - 2 d_b (Rademacher) + X_b``."""
+    """docs/maths.md Theorem 1.1: ``Var z_b^T (M z)_b = 2 F_bb - 2 d_b (Rademacher) + X_b``."""
     own = float((S**2).sum())
     d = float((torch.diagonal(S) ** 2).sum())
     return (2 * own - 2 * d if kind == "rademacher" else 2 * own) + cross

@@ -119,7 +119,7 @@ def test_resonance_on_ggn_is_at_most_one_and_estimated(mlp):
 
 
 def test_resonance_of_an_indefinite_hessian_exceeds_one_and_is_not_clipped():
-    """Two-layer linear net near its saddle at 0 (SPEC 6b): R_(W1,W2) >> 1 for H."""
+    """Two-layer linear net near its saddle at 0 (docs/maths.md section 6b): R_(W1,W2) >> 1 for H."""
     g = torch.Generator().manual_seed(3)
     net = nn.Sequential(nn.Linear(6, 5, bias=False), nn.Linear(5, 4, bias=False)).double()
     with torch.no_grad():

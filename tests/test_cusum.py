@@ -1,8 +1,8 @@
-"""CUSUMDetector: thresholds against SPEC section 9, ARLs against simulation, calibration, resume.
+"""CUSUMDetector: thresholds against docs/maths.md section 9, ARLs against simulation, calibration, resume.
 
 Tolerances: Monte-Carlo quantities are compared with ``approx_err + z * MC_se`` where the MC
 standard error is computed from the simulated sample itself and ``approx_err`` is the
-documented accuracy of the approximation under test (Siegmund: 6 %, SPEC section 9); exact
+documented accuracy of the approximation under test (Siegmund: 6 %, docs/maths.md section 9); exact
 quantities are compared at rounding level.
 """
 
@@ -22,7 +22,7 @@ from hutchtrace.cusum import (
     threshold_for_arl,
 )
 
-SIEGMUND_REL = 0.06  # SPEC section 9: Siegmund vs simulation, |rel. err| <= 6.4 % over 16 cases
+SIEGMUND_REL = 0.06  # docs/maths.md section 9: Siegmund vs simulation, |rel. err| <= 6.4 % over 16 cases
 
 
 def first_alarm_times(det: CUSUMDetector, draw, n: int, tmax: int = 60_000) -> np.ndarray:
@@ -50,7 +50,7 @@ def known(det: CUSUMDetector, n: int) -> CUSUMDetector:
 @pytest.mark.parametrize("target,k,h_spec", [(500, 0.5, 4.381), (1000, 0.5, 5.063), (1000, 0.25, 8.582)])
 def test_threshold_for_arl_matches_spec(target, k, h_spec):
     h = threshold_for_arl(target, k)
-    assert abs(h - h_spec) < 5e-4  # SPEC gives 3 decimals
+    assert abs(h - h_spec) < 5e-4  # docs/maths.md gives 3 decimals
     assert abs(arl0(k, h) - target) < 1e-6 * target
 
 
@@ -67,6 +67,7 @@ def test_siegmund_formula_limits_and_two_sided():
 
 
 @pytest.mark.parametrize("direction", ["up", "both"])
+@pytest.mark.slow
 def test_simulated_arl0_matches_target(direction):
     rng = np.random.default_rng(1)
     n = 1500
@@ -78,6 +79,7 @@ def test_simulated_arl0_matches_target(direction):
 
 
 @pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
+@pytest.mark.slow
 def test_out_of_control_arl_matches_siegmund(mu):
     rng = np.random.default_rng(2)
     n = 3000
@@ -107,6 +109,7 @@ def _false_alarm_fraction(det_state: dict, n_paths: int, horizon: int, seed: int
     return float(hit.mean())
 
 
+@pytest.mark.slow
 def test_alpha_threshold_known_model_and_geometric():
     alpha, n, N = 0.05, 300, 20_000
     h_sim = threshold_for_alpha(alpha, n, 0.5, sides=1, n_paths=N, seed=0)
@@ -115,7 +118,7 @@ def test_alpha_threshold_known_model_and_geometric():
     # h is a quantile from N paths, p a fresh estimate from N paths: two binomial errors
     se = math.sqrt(alpha * (1 - alpha) * (2.0 / N))
     assert abs(p - alpha) <= 4 * se, (p, se)
-    # geometric approximation alpha = 1 - exp(-n / ARL0(h)): SPEC measured 0.0494 vs 0.05
+    # geometric approximation alpha = 1 - exp(-n / ARL0(h)): docs/maths.md section 9: 0.0494 vs 0.05
     h_geo = threshold_for_alpha(alpha, n, 0.5, sides=1, method="geometric")
     p_geo = 1 - math.exp(-n / arl0(0.5, h_geo))
     assert p_geo == pytest.approx(alpha, rel=1e-9)
@@ -128,6 +131,7 @@ def test_alpha_threshold_known_model_and_geometric():
 
 
 @pytest.mark.parametrize("halflife", [None, 40.0])
+@pytest.mark.slow
 def test_alpha_threshold_with_short_warmup_controls_unconditional_rate(halflife):
     """h simulated *with* the warm-up estimation (n0 = 20) gives the nominal unconditional rate,
     while the naive known-model h does not."""
@@ -221,7 +225,7 @@ def test_reset_after_alarm_and_nonfinite_flagged():
 
 
 def test_probe_noise_alone_is_not_the_scale():
-    """SPEC section 9: sigma_proc^2 = max(0, s_x^2 - mean SE^2) keeps the batch floor."""
+    """docs/maths.md section 9: sigma_proc^2 = max(0, s_x^2 - mean SE^2) keeps the batch floor."""
     rng = np.random.default_rng(7)
     n0 = 4000
     se = np.where(np.arange(n0) % 2 == 0, 3.0, 1.0)  # K alternating: SE^2 = 9 / 1
@@ -236,7 +240,7 @@ def test_probe_noise_alone_is_not_the_scale():
 
 def test_autocorrelation_detected_and_whitened():
     """AR(1) with rho = 0.5: rho-hat within its sampling error, whitening restores the ARL0
-    (ignoring it leaves the much shorter ARL0 the SPEC measured)."""
+    (ignoring it leaves the much shorter ARL0 of docs/maths.md section 9)."""
     rho, n0, n = 0.5, 400, 1200
     rng = np.random.default_rng(8)
 
@@ -267,7 +271,7 @@ def test_autocorrelation_detected_and_whitened():
     se = res["whiten"].std(ddof=1) / math.sqrt(n)
     # whitening: iid residuals -> Siegmund holds up to the rho-hat / mu0 estimation error
     assert abs(res["whiten"].mean() - 500) <= 0.25 * 500 + 3 * se, res["whiten"].mean()
-    assert res["ignore"].mean() < 0.4 * 500  # SPEC: rho = 0.6 gives 87 / 1000
+    assert res["ignore"].mean() < 0.4 * 500  # docs/maths.md section 9: rho = 0.6 gives 87 / 1000
 
 
 def test_detrending_absorbs_slow_drift():
@@ -294,7 +298,7 @@ def test_detrending_absorbs_slow_drift():
 
 
 def test_baseline_frozen_while_statistic_positive():
-    # freeze=0: SPEC's literal rule, frozen while S+ > 0 or S- > 0
+    # freeze=0: the literal rule of docs/maths.md section 9, frozen while S+ > 0 or S- > 0
     det = CUSUMDetector(k=0.5, h=50.0, direction="both", warmup=0, halflife=5.0, freeze=0.0)
     det.set_reference([0.0], [1.0])
     lam = 1 - 2 ** (-1 / 5.0)

@@ -128,6 +128,7 @@ def test_paired_difference_variance_is_theorem_1_1_on_T(tanh):
         assert tanh.dec.tensor.blocks[b].se < math.hypot(tanh.dec.hessian.blocks[b].se, tanh.dec.ggn.blocks[b].se)
 
 
+@pytest.mark.slow
 def test_tensor_trace_error_shrinks_at_the_root_K_rate(tanh):
     """MSE of the mean of K samples at K = 10 and 80 (independent groups): ratio 8. Each MSE
     has relative sd sqrt(2/n_groups); with 128 and 16 groups the log-ratio sd is 0.375, so the
@@ -167,6 +168,7 @@ def test_ratio_of_means_is_the_delta_method_formula():
         assert math.isclose(float(R[j]), Rj, rel_tol=1e-12) and math.isclose(float(se[j]), sej, rel_tol=1e-10)
 
 
+@pytest.mark.slow
 def test_trace_gap_delta_method_se_is_calibrated():
     """The SE that decompose reports for gamma^tr = tr T / |tr H| (ratio of means, delta method)
     matches the spread of the estimate over 1000 replicates of K = 20 probes.
@@ -218,7 +220,7 @@ def test_trace_gap_of_decompose(tanh):
     assert checked >= 2
 
 
-# ---------------------------------------------------------------------------- ReLU claims (seed, SPEC 5/10)
+# ---------------------------------------------------------------------------- ReLU claims (seed, docs/maths.md sections 5 and 10)
 def test_relu_parameter_hessian_keeps_a_cross_layer_tensor_part():
     """ReLU MLP: every layer-diagonal block of T is 0 (so tr T_bb = 0 for every block and
     tr H = tr G), but T couples layers: gamma^row > 0 for the hidden layers."""

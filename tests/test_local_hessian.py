@@ -1,4 +1,4 @@
-"""Exact local Hessians (SPEC section 7): closed form vs torch.func vs the seed's row-by-row definition.
+"""Exact local Hessians (docs/maths.md section 7): closed form vs torch.func vs the seed's row-by-row definition.
 
 References are written independently of hutchtrace: ``S(theta)`` is coded by hand on a flat
 parameter vector and differentiated with ``torch.func.hessian`` or by a literal loop of
@@ -106,7 +106,7 @@ def test_closed_form_equals_torch_func_and_rows(act, N, bias):
 
 
 def test_closed_form_entries_are_the_spec_formula():
-    """LH^(k) = Ztil^T diag(A''(u_:,k)) Ztil, zero between units (SPEC section 7)."""
+    """LH^(k) = Ztil^T diag(A''(u_:,k)) Ztil, zero between units (docs/maths.md section 7)."""
     layer = _linear(5, 4, seed=3)
     Z = torch.randn(7, 5, generator=_gen(4), dtype=DT)
     lh = local_hessian(layer, Z, layer, activation="tanh")

@@ -1,4 +1,4 @@
-"""Probe vs mini-batch variance and the critical probe count K* (SPEC section 3)."""
+"""Probe vs mini-batch variance and the critical probe count K* (docs/maths.md section 3)."""
 
 import math
 
@@ -10,8 +10,9 @@ from hutchtrace.minibatch import anova, variance_decomposition
 from hutchtrace.variance import exact_variance
 
 
+@pytest.mark.slow
 def test_anova_components_are_unbiased_in_a_two_level_simulation():
-    """t_mk = tau_m + e_mk with Var tau = 4, Var e = 20: K* = 5 (the SPEC's s3 setting)."""
+    """t_mk = tau_m + e_mk with Var tau = 4, Var e = 20: K* = 5 (docs/maths.md section 3)."""
     gen = torch.Generator().manual_seed(0)
     reps, M, K = 4000, 30, 4
     tau = torch.randn(reps, M, 1, generator=gen, dtype=torch.float64) * 2.0
@@ -26,7 +27,7 @@ def test_anova_components_are_unbiased_in_a_two_level_simulation():
     # unbiased numerator and denominator, within 4 Monte-Carlo standard errors
     assert abs(float(sw.mean()) - 20.0) < 4 * float(sw.std()) / math.sqrt(reps)
     assert abs(float(vb.mean()) - 4.0) < 4 * float(vb.std()) / math.sqrt(reps)
-    # the ratio is consistent, not unbiased: its median sits near K* = 5 (SPEC: 5.2-5.3)
+    # the ratio is consistent, not unbiased: its median sits near K* = 5 (docs/maths.md section 3: 5.2-5.3)
     med = float(ks[torch.isfinite(ks)].median())
     assert 4.0 < med < 6.5, med
 

@@ -101,6 +101,7 @@ def _quadratic(seed=0):
     return Quadratic(A, sizes), A
 
 
+@pytest.mark.slow
 def test_adaptive_stopping_meets_its_target_with_negative_and_near_zero_traces():
     model, A = _quadratic()
     ex = exact_variance(A, list(model.sizes), "global")
@@ -157,20 +158,72 @@ def test_adaptive_in_dataset_mode_reiterates_the_data():
     assert torch.allclose(res.samples, full.samples, rtol=1e-9, atol=1e-12)
 
 
-def test_isolated_single_element_blocks_are_exact():
-    model, crit, data = make_case("mlp")
-    H, layout = exact_hessian(model, crit, data=data, blocks={"one": [model[4].bias]})
-    # a 1-element block probed alone: z^2 H_ii = H_ii exactly for Rademacher
-    res = hutchtrace.block_traces(model, crit, K=3, data=data, seed=0, probing="isolated",
-                                  blocks={"a": [model[0]], "b": [model[2]], "c": [model[4].weight]})
-    assert res.meta["probing"] == "isolated" and res.meta["groups"] == 3
-    assert float(H.trace()) > 0
+class _ScalarBlocks(nn.Module):
+    """A tanh MLP 4-6-1 times a learned scalar temperature: two 1-element blocks (the
+    output bias ``net.2.bias`` and the 0-dim ``temperature``) among larger ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+        self.temperature = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        return self.net(x) * self.temperature
+
+
+def _scalar_blocks_case():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _ScalarBlocks().double()
+        x, y = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    return model, lambda out, t: ((out - t) ** 2).mean(), (x, y)
+
+
+@pytest.mark.parametrize("variance", ["sample", "pairwise"])
+def test_isolated_single_element_blocks_are_exact(variance):
+    """A 1-element block probed alone is read exactly: its Rademacher sample is
+    ``z_i (H z)_i = z_i^2 H_ii = H_ii`` for every probe, so the mean is the exact trace and the
+    standard error is 0 (docs/maths.md section 1: ``Var t_b = V0_b = 2(F_bb - d_b) = 0`` for
+    ``n_b = 1``)."""
+    from hutchtrace.exact import exact_block_traces
+
+    model, crit, data = _scalar_blocks_case()
+    H, layout = exact_hessian(model, crit, data=data)
+    exact = exact_block_traces(H, layout)
+    K = 6
+    res = hutchtrace.block_traces(model, crit, K=K, data=data, seed=0, probing="isolated", variance=variance,
+                                  hvp="reverse-batched", progress=False)
+    assert res.meta["probing"] == "isolated" and res.meta["groups"] == layout.num_blocks
+    one = [b for b, blk in enumerate(res.blocks) if blk.numel == 1]
+    assert sorted(res.blocks[b].name for b in one) == ["net.2.bias", "temperature"]
+    for b in one:
+        h = float(exact[b])
+        assert abs(h) > 1e-3  # a non-trivial diagonal entry
+        # every per-probe sample equals the exact diagonal entry (not only on average)
+        torch.testing.assert_close(res.samples[:, b], torch.full((K,), h, dtype=torch.float64), rtol=1e-12, atol=0)
+        assert res.blocks[b].mean == pytest.approx(h, rel=1e-12, abs=0)
+        # SE 0, up to the rounding of the variance estimate (the pairwise one is a difference
+        # of O(H_ii^2) terms, so it rounds to ~eps H_ii^2, an SE of ~sqrt(eps/K) |H_ii|)
+        assert res.blocks[b].sample_variance <= 1e-13 * h * h
+        assert res.blocks[b].variance <= 1e-13 * h * h
+        assert res.blocks[b].se <= 1e-6 * abs(h)
+        lo, hi = res.blocks[b].ci
+        assert lo <= h <= hi and hi - lo <= 1e-5 * abs(h)
+    # the multi-element blocks stay random (the check above is not vacuous for them) ...
+    assert all(float(res.samples[:, b].std()) > 0 for b in range(layout.num_blocks) if b not in one)
+    # ... and so do the 1-element blocks under global probing, which adds the cross terms
+    # z_b H_bc z_c: exactness comes from probing the block alone
+    glob = hutchtrace.block_traces(model, crit, K=K, data=data, seed=0, probing="global", variance=variance,
+                                   hvp="reverse-batched", progress=False)
+    for b in one:
+        assert float(glob.samples[:, b].std()) > 1e-3 * abs(float(exact[b]))
+        assert glob.blocks[b].se > 1e-3 * abs(float(exact[b]))
 
 
 @pytest.mark.parametrize("groups", ["isolated", [[0, 2, 4], [1, 3, 5]]])
 def test_cross_energy_measures_the_couplings_a_global_probe_adds(groups):
     """``Segment.cross_energy`` is unbiased for ``X_b = sum_{c not in g(b)} ||H_bc||_F^2``,
-    so ``V_plan + X`` is the global scheme's exact per-probe variance (SPEC section 6)."""
+    so ``V_plan + X`` is the global scheme's exact per-probe variance (docs/maths.md section 1, cross energy)."""
     from hutchtrace.accumulate import SampleSink, Segment
     from hutchtrace.blocks import resolve_blocks
     from hutchtrace.engine import ProbeRunner

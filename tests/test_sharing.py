@@ -1,5 +1,5 @@
 """Weight sharing: the de-duplicated block is the true Hessian; the unrolled sum misses
-exactly the cross-use terms (SPEC section 2)."""
+exactly the cross-use terms (docs/maths.md section 2)."""
 
 import pytest
 import torch

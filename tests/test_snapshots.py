@@ -446,6 +446,6 @@ def test_layerwise_study_quick(tmp_path, capsys):
     ):
         assert (tmp_path / "out" / f"{png}.png").stat().st_size > 0
     ok, total = results["rank_structural"]
-    assert total > 0 and ok == total  # rank LH = m min(N, n+1) at every exact snapshot (SPEC section 7)
+    assert total > 0 and ok == total  # rank LH = m min(N, n+1) at every exact snapshot (docs/maths.md section 7)
     assert len(results["rows"]) == 7 and "seed:" in out and "here:" in out
     assert set(results["near_zero"]) == {"no", "sure", "huge"}

@@ -120,7 +120,7 @@ def test_slq_quadrature_is_exact_for_low_degree_polynomials():
 
 
 def test_hutchpp_is_unbiased_and_wins_only_on_decaying_spectra():
-    """SPEC 8: lambda_i = i^-2 -> Hutch++ far better; flat spectrum -> far worse. The rule
+    """docs/maths.md section 8: lambda_i = i^-2 -> Hutch++ far better; flat spectrum -> far worse. The rule
     (top-m/3 energy > 2/3) predicts both."""
     g = torch.Generator().manual_seed(8)
     n, m, reps = 100, 30, 300

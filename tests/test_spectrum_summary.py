@@ -1,4 +1,4 @@
-"""spectrum_summary / vector_summary against numpy and scipy, and the SPEC section 7 rules
+"""spectrum_summary / vector_summary against numpy and scipy, and the docs/maths.md section 7 rules
 (rank tolerance, determinant vs pseudo-determinant of a singular local Hessian, condition number)."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _singular_lh(N, m=6, n=8, act="tanh", seed=0):
 
 
 def test_singular_local_hessian_reports_the_pseudo_determinant():
-    """N = 1: rank m; det = 0; pseudo-det = prod_k A''(u_k)(||z||^2 + 1) (SPEC section 7)."""
+    """N = 1: rank m; det = 0; pseudo-det = prod_k A''(u_k)(||z||^2 + 1) (docs/maths.md section 7)."""
     layer, z, lh = _singular_lh(1)
     s = spectrum_summary(lh)
     assert s.rank == 6 and s.size == 54 and s.singular and s.det_kind == "pseudo-determinant"

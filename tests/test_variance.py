@@ -40,6 +40,7 @@ def test_closed_form_on_a_2x2_matrix():
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_closed_form_matches_empirical_variance_of_20k_probes(small_mlp, scheme, probe):
     model, crit, data, H, layout = small_mlp
     n = 20000
@@ -74,6 +75,7 @@ def test_isolated_never_worse_and_cross_term_is_the_coupling(small_mlp):
     assert torch.allclose(ga["variance"] - g["variance"], 2 * d, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_pairwise_estimator_is_unbiased_and_less_spread_than_sample_variance(small_mlp):
     _, _, _, H, layout = small_mlp
     from hutchtrace.exact import block_slices
@@ -91,13 +93,14 @@ def test_pairwise_estimator_is_unbiased_and_less_spread_than_sample_variance(sma
         se = est.std() / math.sqrt(reps)
         assert abs(float(est.mean() - ex[b])) < 4 * se, (b, float(est.mean()), float(ex[b]))
         assert abs(float(sv.mean() - ex[b])) < 4 * sv.std() / math.sqrt(reps)
-        # SPEC section 1: 36-60 % of the sample variance's spread at K = 4 on the SPEC MLP's
+        # docs/maths.md section 1: 36-60 % of the sample variance's spread at K = 4 on the reference MLP's
         # blocks; the 4-element output bias here gains less
         limit = 0.7 if b in (0, 2) else 0.95
         assert est.std() < limit * sv.std(), (b, float(est.std() / sv.std()))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow
 def test_block_traces_reports_an_unbiased_pairwise_variance(small_mlp, scheme):
     model, crit, data, H, layout = small_mlp
     ex = exact_variance(H, layout, _plan(scheme))
