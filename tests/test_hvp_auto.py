@@ -194,7 +194,8 @@ class PadEmb(nn.Module):
         self.e = nn.Embedding(V, D, padding_idx=0).double()
         self.h = nn.Linear(D, 3).double()
         with torch.no_grad():
-            self.e.weight.copy_(torch.randn(V, D, generator=g, dtype=torch.float64))
+            for q in self.parameters():
+                q.copy_(torch.randn(q.shape, generator=g, dtype=torch.float64))
 
     def forward(self, idx):
         return self.h(torch.tanh(self.e(idx))).mean(1)
