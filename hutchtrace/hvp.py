@@ -526,6 +526,19 @@ def _deterministic(exc: Exception) -> bool:
     return not ((oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower())
 
 
+def _without_traceback(exc: Exception) -> Exception:
+    """A copy of ``exc`` for the process-wide cache: no traceback, so no frame (holding the
+    model, the batch, a first-order graph) is kept alive by it."""
+    try:
+        copy = type(exc)(*exc.args)
+    except Exception:  # an exception type with another constructor
+        copy = RuntimeError(*exc.args)
+    for attr in ("backbone", "reason", "fix"):
+        if hasattr(exc, attr):
+            setattr(copy, attr, getattr(exc, attr))
+    return copy
+
+
 def family_wide(exc: Exception) -> bool:
     """Whether a backbone's failure dooms every member of its family: a missing derivative of
     the family's autograd mode, yes; a missing batching rule or out-of-memory, no."""
@@ -606,7 +619,7 @@ class AutoHVP:
         self.errors[name] = exc
         self.timings.pop(name, None)
         if _deterministic(exc):
-            self.entry["failed"][name] = exc
+            self.entry["failed"][name] = _without_traceback(exc)
 
     def block(self, name: str, reason: str) -> None:
         """``name`` cannot work on this model, known without running it (see :class:`GraphReport`)."""

@@ -378,3 +378,21 @@ def test_non_finite_products_are_not_called_a_disagreement():
              if "hvp='auto'" in str(w.message) or isinstance(w.message, NonFiniteWarning)}
     assert kinds == {NonFiniteWarning}
     assert res.meta["hvp_disagreement"] is None and not res["c"].finite and res["a"].finite
+
+
+def test_the_cache_keeps_no_frame_of_a_call_alive():
+    """A cached failure must not hold its traceback: its frames hold the model and the batch."""
+    import gc
+    import weakref
+
+    w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    m = nn.Module()
+    m.w = w
+    pts = torch.randn(5, 3, dtype=torch.float64)
+    hutchtrace.block_traces(m, lambda mm: torch.cdist(mm.w, pts).pow(2).sum(), K=128, hvp="auto", seed=0)
+    entry = next(iter(hvp_mod._AUTO_CACHE.values()))
+    assert entry["failed"] and all(e.__traceback__ is None for e in entry["failed"].values())
+    ref = weakref.ref(m)
+    del m, w
+    gc.collect()
+    assert ref() is None
