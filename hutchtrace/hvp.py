@@ -492,8 +492,11 @@ def forward_mode_initialised() -> bool:
     """Whether this process has paid torch.func's one-off import (see :data:`CHALLENGE_MIN_SECONDS`)."""
     return "torch._dynamo" in sys.modules
 
-# Per (model structure, input signature, settings): what auto learned, see AutoHVP.
+# Per (model structure, input signature, settings): what auto learned, see AutoHVP. At most
+# _AUTO_CACHE_SIZE entries, oldest first out (a closure loss is keyed by its id: a fresh
+# lambda per call would otherwise grow it without bound).
 _AUTO_CACHE: dict[tuple, dict] = {}
+_AUTO_CACHE_SIZE = 256
 
 
 def _sync(device: torch.device) -> None:
@@ -585,6 +588,9 @@ class AutoHVP:
 
     def __init__(self, key: tuple, candidates: Sequence[str], batched_ok: bool = True):
         self.key = key
+        if key not in _AUTO_CACHE:
+            while len(_AUTO_CACHE) >= _AUTO_CACHE_SIZE:
+                _AUTO_CACHE.pop(next(iter(_AUTO_CACHE)))
         self.entry = _AUTO_CACHE.setdefault(
             key, {"failed": {}, "disagree": {}, "timings": {}, "challenged": False})
         self.candidates = [c for c in candidates if batched_ok or not is_batched(c)] or list(candidates)
