@@ -402,6 +402,7 @@ def test_the_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(hvp_mod, "_AUTO_CACHE_SIZE", 3)
     net = nn.Linear(3, 1).double()
     x = torch.ones(2, 3, dtype=torch.float64)
-    for _ in range(6):  # a fresh closure per call: a fresh cache key
-        hutchtrace.block_traces(net, lambda m: m(x).pow(2).sum(), K=2, seed=0, hvp="auto")
+    losses = [lambda m: m(x).pow(2).sum() for _ in range(6)]  # kept alive: six distinct ids, six keys
+    for loss in losses:
+        hutchtrace.block_traces(net, loss, K=2, seed=0, hvp="auto")
     assert len(hvp_mod._AUTO_CACHE) == 3
