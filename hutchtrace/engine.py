@@ -860,7 +860,8 @@ class _AutoTrials:
         warm = [t for n, t in self.warm.items() if backbone_family(n) == fam]
         if warm:
             return min(warm)
-        cached = [min(t.per_row_s) for n, t in self.auto.entry["timings"].items() if backbone_family(n) == fam]
+        timings = self.auto.entry["timings"]
+        cached = [min(t.per_row_s) for n, t in timings.items() if backbone_family(n) == fam]
         return min(cached) if cached else None
 
     def _revalidate(self, name: str) -> bool:
