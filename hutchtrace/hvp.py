@@ -47,10 +47,10 @@ of probes (every tangent with a leading probe dimension).
       ``meta["hvp_disagreement"]`` (PyTorch's autograd modes differ, e.g. ``nn.Embedding``
       with ``padding_idx``: forward-over-reverse zeroes the pad row only, not its column).
     * Every timed backbone runs a warm-up chunk, then two measurement chunks interleaved
-      with the others' on rows of the same group. A challenger is chosen only when both
-      timings are stable (see below) and it is faster than the reference by :data:`MARGIN`
-      in both measurements (its slower one against the reference's faster one). Within the
-      reference family the fastest measurement decides (load only slows a measurement down).
+      with the others' on rows of the same group. A challenger is chosen only when it is
+      faster than the reference by :data:`MARGIN` in both measurements (its slower one
+      against the reference's faster one). Within the reference family the fastest
+      measurement decides (load only slows a measurement down).
     * A backbone that fails hands its rows back: every row of a run is evaluated exactly
       once, by backbones that agree (the engine checks this for every batch). When every
       candidate fails the error lists each with its reason, and only fixes to the model.
@@ -663,8 +663,8 @@ class AutoHVP:
         """The backbone for ``rows`` rows per batch: the cheapest member of the reference
         family (the first family with a timed member; by its fastest measurement, since load
         only ever slows a measurement down), unless a member of another family is cheaper by
-        :data:`MARGIN` with its slower measurement against the reference's faster one, and
-        both timings are stable."""
+        :data:`MARGIN` with its slower measurement against the reference's faster one (a
+        margin that survives the second measurement)."""
         timings = self.timings if timings is None else timings
         usable = {n: t for n, t in timings.items() if self.usable(n)}
         if not usable:
@@ -675,7 +675,7 @@ class AutoHVP:
         best = ref
         ref_best = usable[ref].cost(rows, min)
         for n, t in usable.items():
-            if backbone_family(n) == ref_family or not (t.stable() and usable[ref].stable()):
+            if backbone_family(n) == ref_family:
                 continue
             if t.cost(rows, max) * MARGIN < ref_best and t.cost(rows, max) < usable[best].cost(rows, max):
                 best = n
