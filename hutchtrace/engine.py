@@ -15,7 +15,16 @@ restricted to group ``g`` of a :class:`~hutchtrace.probing.ProbePlan`. Loop orde
   whose rows are written into a flat ``(R, P)`` product buffer), one fused reduction giving
   ``z_b . w_b`` and ``||w_b||^2`` for every block, then the sinks, once per chunk. Nothing
   in the loop synchronises with the host, except the timing of the ``auto`` backbone
-  choice on the first chunks.
+  choice on the first chunks (:class:`_AutoTrials`; its rules are in :mod:`hutchtrace.hvp`).
+* every row of a run is delivered to the sinks exactly once per batch: a backbone that fails
+  hands its rows back, and :class:`_Ledger` checks the count at the end of every batch (a
+  violation is a hutchtrace bug and raises).
+* one random function per call: every pass over the batches (each run: the pilot, every
+  adaptive round, a plan switch) replays the RNG state of the runner's first pass, and every
+  forward of a batch replays that batch's state (:class:`~hutchtrace.state.ForwardRNG`). So
+  dropout draws ONE mask per batch for the whole call, the same for every probe, backbone
+  and round, and a DataLoader that shuffles with the global RNG yields the same batches in
+  every pass.
 * ``cuda_graph=True`` (reverse backbones on CUDA): per batch, after the first-order graph
   is built on a side stream and two chunks have run eagerly (warm-up), the HVPs and the
   reduction of one chunk are captured in a CUDA graph and replayed for every later chunk of
@@ -29,6 +38,7 @@ normaliser ``N = sum_m count_m`` (see :mod:`hutchtrace.loss`).
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import Counter
@@ -39,7 +49,24 @@ from torch import nn
 
 from . import ops
 from .blocks import BlockLayout
-from .hvp import AutoHVP, HVPBackbone, Stopwatch, backbones_for, make_backbone
+from .errors import HVPUnsupportedError
+from .hvp import (
+    CHALLENGE_ABORT,
+    CHALLENGE_FACTOR,
+    CHALLENGE_MIN_SECONDS,
+    AutoHVP,
+    HVPBackbone,
+    Stopwatch,
+    Timing,
+    agreement,
+    agreement_tol,
+    backbone_family,
+    backbones_for,
+    family_wide,
+    forward_mode_initialised,
+    is_batched,
+    make_backbone,
+)
 from .loss import LossSpec
 from .probing import ProbePlan
 from .progress import Progress
@@ -110,10 +137,82 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 def _model_key(model: nn.Module, layout: BlockLayout) -> tuple:
+    """What ``auto``'s cache tells models apart by: the module tree with its settings (``repr``
+    shows e.g. ``padding_idx``, dropout rates, BatchNorm flags), train/eval flags and the
+    selected tensors."""
     return (
         type(model).__qualname__,
+        hash(repr(model)),
+        tuple(m.training for m in model.modules()),
         tuple((n, tuple(t.shape), str(t.dtype), str(t.device)) for n, t in zip(layout.names, layout.tensors)),
     )
+
+
+def _criterion_name(batch) -> str:
+    c = batch.criterion
+    return "" if c is None else getattr(c, "__qualname__", type(c).__qualname__)
+
+
+class _Ledger:
+    """How often each row ``(k, g)`` of one batch reached the sinks: exactly once, or a bug."""
+
+    def __init__(self, probe_indices: list[int], G: int):
+        self.pos = {k: i for i, k in enumerate(probe_indices)}
+        self.G = G
+        self.count = bytearray(len(probe_indices) * G)
+
+    def add(self, ks, gs) -> None:
+        pos, G, count = self.pos, self.G, self.count
+        for k, g in zip(ks, gs):
+            i = pos[k] * G + g
+            if count[i]:
+                raise RuntimeError(f"hutchtrace internal error: probe row (k={k}, group={g}) evaluated "
+                                   "twice; please report this")
+            count[i] = 1
+
+    def check(self, batch_index: int) -> None:
+        if self.count.count(1) != len(self.count):
+            G = self.G
+            lost = [(k, g) for k, i in self.pos.items() for g in range(G) if not self.count[i * G + g]]
+            raise RuntimeError(f"hutchtrace internal error: {len(lost)} probe row(s) of batch {batch_index} "
+                               f"were never evaluated (first: {lost[:4]}); please report this")
+
+
+class _RowPool:
+    """The rows of one batch not evaluated yet, per group in probe order."""
+
+    def __init__(self, rows):
+        self.by_group: dict[int, list[int]] = {}
+        for k, g in rows:
+            self.by_group.setdefault(g, []).append(k)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_group.values())
+
+    def largest_group(self) -> int | None:
+        live = [(len(v), -g, g) for g, v in self.by_group.items() if v]
+        return max(live)[2] if live else None
+
+    def take(self, n: int, g: int | None = None):
+        """Up to ``n`` rows of group ``g`` (default: the largest), as ``(ks, gs)``."""
+        if g is None or not self.by_group.get(g):
+            g = self.largest_group()
+        if g is None:
+            return [], []
+        ks = self.by_group[g][:n]
+        del self.by_group[g][:n]
+        return ks, [g] * len(ks)
+
+    def put_back(self, ks, gs) -> None:
+        for k, g in zip(ks, gs):
+            self.by_group.setdefault(g, []).append(k)
+        for g in set(gs):
+            self.by_group[g].sort()
+
+    def rest(self, order) -> list[tuple[int, int]]:
+        rows = [(k, g) for g, ks in self.by_group.items() for k in ks]
+        rows.sort(key=order)
+        return rows
 
 
 class Columns:
@@ -263,7 +362,9 @@ class ProbeRunner:
         # intermediates of the double-backward / forward-mode pass.
         self.max_rows = probe_batch or int(max(1, min(32, budget // max(1, 8 * param_bytes))))
         self.seq_rows = min(self.max_rows, self.SEQUENTIAL_ROWS)
-        self.chosen: str | None = None
+        self.chosen: str | None = None if hvp == "auto" else hvp
+        self._auto: AutoHVP | None = None
+        self._ledger: _Ledger | None = None
         self.last_hvp_seconds: float | None = None
         self.graph_replays = 0
         # flat (R, P) probe / product buffers reused chunk after chunk: a fresh multi-MB CPU
@@ -386,7 +487,9 @@ class ProbeRunner:
         L = self.layout.num_blocks
         return ops.block_dot(w, z, self.block_index_t, L, batched=True, acc_dtype=self.acc_dtype)
 
-    def _evaluate(self, bb: HVPBackbone, ks, gs, group_of_tensor, plan: ProbePlan, batch_index, weight, sinks):
+    def _compute(self, bb: HVPBackbone, ks, gs, group_of_tensor, batch_index, weight) -> RowBatch:
+        """The products and per-block reductions of rows ``(ks, gs)``; nothing delivered yet
+        (a backbone failure leaves the sinks untouched and the rows to another backbone)."""
         R = len(ks)
         zbuf = self._buffer("z", R) if self.columns.uniform else None
         zf, z = self._probe_rows(ks, gs, group_of_tensor, out=zbuf)
@@ -396,9 +499,16 @@ class ProbeRunner:
         # z is in memory already: reading it is cheaper than regenerating it (Philox is
         # the bottleneck of the CPU kernels), and both give the same bits
         dots, sq = self._reduce(w, z)
-        rb = RowBatch(batch_index, weight, list(ks), list(gs), z, w, dots, sq, zf, wf)
+        return RowBatch(batch_index, weight, list(ks), list(gs), z, w, dots, sq, zf, wf)
+
+    def _deliver(self, rb: RowBatch, sinks) -> None:
+        if self._ledger is not None:
+            self._ledger.add(rb.ks, rb.gs)
         for s in sinks:
             s.on_rows(rb)
+
+    def _evaluate(self, bb: HVPBackbone, ks, gs, group_of_tensor, plan: ProbePlan, batch_index, weight, sinks):
+        self._deliver(self._compute(bb, ks, gs, group_of_tensor, batch_index, weight), sinks)
         return len(ks), (len(ks) if not bb.batched else 1)
 
     # ------------------------------------------------------------------ main loop
@@ -416,44 +526,57 @@ class ProbeRunner:
         timings: dict = {}
         prog = Progress(None, self.desc, self.progress)
         names, tensors = self.layout.names, self.layout.tensors
-        chosen_name = self.hvp
+        pos = {k: i for i, k in enumerate(probe_indices)}
+
+        def canonical(row):  # the order of _row_chunks: probe windows, groups, probes
+            return pos[row[0]] // self.max_rows, row[1], pos[row[0]]
+
+        self.rng.begin_pass()  # one random function per call: every run replays the first pass
         try:
             for m, batch in enumerate(self.loss_spec.batches()):
                 n_batches += 1
                 total_count += batch.count
                 self.rng.start_batch()
+                self._ledger = _Ledger(probe_indices, plan.num_groups)
                 chunks = list(self._row_chunks(probe_indices, plan, self.max_rows))
-                seq_chunks = [c for (ks, gs) in chunks for c in _rechunk(ks, gs, self.seq_rows)]
-                if self.hvp == "auto" and self.chosen is None:
-                    seq_chunks, chunks, done_h = self._auto_first_batch(
-                        batch, m, chunks, plan, group_of_tensor, sinks, prog, timings
-                    )
+                bb = None
+                if self.hvp == "auto" and m == 0:
+                    rows = [(k, g) for ks, gs in chunks for k, g in zip(ks, gs)]
+                    bb, pool, done_h = self._auto_first_batch(batch, m, rows, group_of_tensor, sinks, prog)
                     hvps += done_h
-                    chosen_name = self.chosen
-                elif self.hvp != "auto":
-                    self.chosen = self.hvp
-                bb = make_backbone(self.chosen, self.model, names, tensors, self.rng)
-                todo = chunks if bb.batched else seq_chunks
+                    timings.update(self._auto.report())
+                    timings["chosen"] = self.chosen
+                    # regroup what is left: consecutive probe indices of one group stay together
+                    chunks = _regroup(pool.rest(canonical))
+                    chunks = [c for (ks, gs) in chunks for c in _rechunk(ks, gs, self.max_rows)]
+                else:
+                    bb = make_backbone(self.chosen, self.model, names, tensors, self.rng)
+                if not bb.batched:
+                    chunks = [c for (ks, gs) in chunks for c in _rechunk(ks, gs, self.seq_rows)]
+                todo = chunks
                 if self.cuda_graph:
                     hvps += self._run_graphed(bb, batch, todo, group_of_tensor, plan, m, sinks, prog)
                 else:
-                    bb.prepare(batch)
+                    if bb.batch is not batch:
+                        bb.prepare(batch)
                     for ks, gs in todo:
                         rows, h = self._evaluate(bb, ks, gs, group_of_tensor, plan, m, batch.weight, sinks)
                         hvps += h
                         prog.update(rows)
                     bb.release()
+                self._ledger.check(m)
                 self.rng.end_batch()
                 for s in sinks:
                     s.on_batch_end(m, batch.weight)
         finally:
+            self._ledger = None
             prog.close()
         for s in sinks:
             s.finish(total_count)
         if self.cuda_graph:
             timings["cuda_graph_replays"] = self.graph_replays
         return RunInfo(
-            backbone=chosen_name if chosen_name != "auto" else str(self.chosen),
+            backbone=str(self.chosen),
             backend=ops.backend_name(self.device),
             n_batches=n_batches,
             total_count=total_count,
@@ -522,8 +645,7 @@ class ProbeRunner:
                         graph.replay()
                         self.graph_replays += 1
                         rb = RowBatch(m, batch.weight, list(ks), list(gs), z, w, dots, sq, zf, wf)
-                        for s in sinks:
-                            s.on_rows(rb)
+                        self._deliver(rb, sinks)
                         rows, h = len(ks), (len(ks) if not bb.batched else 1)
                     hvps += h
                     prog.update(rows)
@@ -552,54 +674,301 @@ class ProbeRunner:
             dots, sq = self._reduce(w, z)
         return graph, (zfl, z, w, wf, dots, sq)
 
-    def _auto_first_batch(self, batch, m, chunks, plan, group_of_tensor, sinks, prog, timings):
-        """Time each untimed backbone on real rows of the first batch; keep the fastest.
+    def _auto_first_batch(self, batch, m, rows, group_of_tensor, sinks, prog):
+        """``hvp="auto"`` on the first batch of a run: ``(prepared backbone, rows left, HVPs done)``.
 
-        Each candidate evaluates up to two small chunks (the first absorbs one-off warm-up
-        costs; the faster of the two is recorded). Those products are kept, not wasted.
-        Returns the row chunks still to do (sequential and batched forms) and the HVP count.
+        Uses the choice made earlier in this call, or a cached choice checked on this call's
+        first chunks, or times the candidates (:class:`_AutoTrials`). Rows evaluated while
+        choosing are delivered; the rest are left in the returned pool.
         """
-        key = _model_key(self.model, self.layout) + (batch.signature, self.kind, self.max_rows, self.curvature)
-        auto = AutoHVP(key, self.candidates)
-        names, tensors = self.layout.names, self.layout.tensors
-        rows_left = [(k, g) for ks, gs in chunks for k, g in zip(ks, gs)]
-        hvps = 0
-        untimed = auto.untimed()
-        per_batched = max(2, min(self.max_rows, len(rows_left) // (4 * max(1, len(untimed)))))
-        for cand in untimed:
-            if not rows_left:
+        auto = self._auto
+        if auto is None:
+            key = _model_key(self.model, self.layout) + (batch.signature, _criterion_name(batch), self.kind,
+                                                         self.max_rows, self.curvature)
+            auto = self._auto = AutoHVP(key, self.candidates, batched_ok=self.max_rows > 1)
+        trials = _AutoTrials(self, auto, batch, m, group_of_tensor, sinks, prog, _RowPool(rows))
+        bb = trials.choose(len(rows))
+        self.chosen = bb.name
+        return bb, trials.pool, trials.hvps
+
+
+class _AutoTrials:
+    """One backbone decision of ``hvp="auto"`` on real rows of a batch (rules: :mod:`hutchtrace.hvp`).
+
+    Every product it computes for a row of the call is delivered once, by a backbone of the
+    reference family or one that agreed with it on the comparison probe; a backbone that
+    fails puts its rows back into the pool. The comparison probe is not a row of the call
+    and never reaches the sinks.
+    """
+
+    #: probe index of the comparison probe: far above any probe a call draws
+    COMPARISON_PROBE = 1 << 40
+
+    def __init__(self, runner: ProbeRunner, auto: AutoHVP, batch, m, group_of_tensor, sinks, prog,
+                 pool: _RowPool):
+        self.r = runner
+        self.auto = auto
+        self.batch = batch
+        self.m = m
+        self.group_of_tensor = group_of_tensor
+        self.sinks = sinks
+        self.prog = prog
+        self.pool = pool
+        self.n0 = len(pool)
+        self.hvps = 0
+        self.live: dict[str, HVPBackbone] = {}
+        self.prep_s: dict[str, float] = {}
+        self.meas: dict[str, list[float]] = {}
+        self.warm: dict[str, float] = {}
+        self._ref_product = None
+
+    # ------------------------------------------------------------------ steps
+    def prepare(self, name: str, share_from: str | None = None) -> HVPBackbone | None:
+        """The prepared backbone ``name`` (sharing ``share_from``'s first-order graph when it
+        can), or None when it failed (recorded)."""
+        r = self.r
+        src = self.live.get(share_from) if share_from is not None else None
+        bb = None
+        try:
+            if src is not None and hasattr(src, "sibling"):
+                bb = src.sibling(is_batched(name))
+                self.prep_s[name] = self.prep_s[share_from]
+            else:
+                bb = make_backbone(name, r.model, r.layout.names, r.layout.tensors, r.rng)
+                with Stopwatch(r.device) as sw:
+                    bb.prepare(self.batch)
+                self.prep_s[name] = sw.seconds
+        except RuntimeError as exc:
+            self._blockers(bb)
+            self.fail(name, exc, bb)
+            return None
+        self._blockers(bb)
+        self.live[name] = bb
+        self.meas[name] = []
+        return bb
+
+    def _blockers(self, bb) -> None:
+        """Rule out backbones the first-order graph shows cannot work (see GraphReport)."""
+        rep = getattr(bb, "graph_report", None)
+        if rep is None:
+            return
+        for name, why in rep.forward_blockers().items():
+            if name in self.auto.candidates and self.auto.usable(name):
+                self.auto.block(name, why)
+
+    def fail(self, name: str, exc: Exception, bb=None) -> None:
+        bb = self.live.pop(name, None) or bb
+        if bb is not None:
+            bb.release()
+        self.auto.fail(name, exc)
+        if family_wide(exc):  # e.g. a missing forward-mode derivative dooms forward and forward-vmap
+            fam = backbone_family(name)
+            for other in self.auto.candidates:
+                if other != name and backbone_family(other) == fam and self.auto.usable(other):
+                    self.fail(other, _same_cause(other, name, exc))
+
+    def chunk(self, name: str) -> int:
+        """Rows per timing chunk: about 1/24 of the batch's rows (three chunks per backbone, up
+        to four backbones use half of them at most), capped by the run's chunk sizes."""
+        n = max(1, self.n0 // 24)
+        return max(2, min(self.r.max_rows, n)) if is_batched(name) else min(self.r.seq_rows, n)
+
+    def run_chunk(self, name: str, n: int, group: int | None = None) -> float | None:
+        """Evaluate and deliver up to ``n`` rows with ``name``: seconds per row, or None (no
+        rows left, or the backbone failed and its rows went back)."""
+        ks, gs = self.pool.take(n, group)
+        if not ks:
+            return None
+        r = self.r
+        try:
+            with Stopwatch(r.device) as sw:
+                rb = r._compute(self.live[name], ks, gs, self.group_of_tensor, self.m, self.batch.weight)
+        except RuntimeError as exc:  # HVPUnsupportedError, vmap limits, OOM of a batched try
+            self.pool.put_back(ks, gs)
+            self.fail(name, exc)
+            return None
+        r._deliver(rb, self.sinks)
+        self.hvps += len(ks) if not self.live[name].batched else 1
+        self.prog.update(len(ks))
+        return sw.seconds / len(ks)
+
+    def warm_up(self, name: str) -> None:
+        t = self.run_chunk(name, self.chunk(name))
+        if t is not None:
+            self.warm[name] = t
+
+    def comparison_product(self, name: str):
+        """``name``'s product with the comparison probe (a global probe outside the call's
+        rows; not delivered), or None when it failed."""
+        r = self.r
+        n_t = len(r.layout.tensors)
+        _, z = r._probe_rows([self.COMPARISON_PROBE], [0], [0] * n_t)
+        try:
+            w, _ = r._products(self.live[name], z)
+        except RuntimeError as exc:
+            self.fail(name, exc)
+            return None
+        self.hvps += 1
+        return [x[0].detach().clone() for x in w]
+
+    # ------------------------------------------------------------------ decision
+    def choose(self, n_rows: int) -> HVPBackbone:
+        auto = self.auto
+        want = self._want_challenge() and not (auto.challenged or auto.entry["challenged"])
+        if self.r.chosen is not None and auto.usable(self.r.chosen) and not want:
+            if self.prepare(self.r.chosen) is not None:  # decided earlier in this call
+                return self._keep(self.r.chosen)
+        cached = auto.cached_choice(n_rows, want) if not auto.validated else None
+        if cached is not None and self._revalidate(cached):
+            auto.validated = auto.from_cache = True
+            return self._keep(cached)
+        return self._time_all(n_rows)
+
+    def challengers(self, ref_family: list[str] | None = None) -> list[str]:
+        """One batched member per family after the reference: a sequential forward-over-reverse
+        product recomputes the forward and backward passes for every probe, and was 2-10x
+        slower per row than reverse mode on every model measured, so it is never timed to win
+        (only used when everything before it fails)."""
+        auto = self.auto
+        fams = auto.families()
+        start = fams.index(ref_family) + 1 if ref_family is not None else 1
+        out = []
+        for f in fams[start:]:
+            name = next((n for n in f if auto.usable(n) and is_batched(n)), None)
+            if name is not None:
+                out.append(name)
+        return out
+
+    def _want_challenge(self) -> bool:
+        """Whether the rows left justify timing the other families (module docs of hvp): at
+        least :data:`CHALLENGE_FACTOR` times the rows of its timing, and, until torch.func has
+        been initialised in this process, a reverse-mode estimate of the rest of the batch of
+        at least :data:`CHALLENGE_MIN_SECONDS`."""
+        others = self.challengers()
+        if not others or not self.auto.batched_ok:
+            return False
+        if len(self.pool) < CHALLENGE_FACTOR * (3 * self.chunk(others[0]) + 1):
+            return False
+        if forward_mode_initialised():
+            return True
+        per_row = self._reference_per_row()
+        return per_row is not None and len(self.pool) * per_row >= CHALLENGE_MIN_SECONDS
+
+    def _reference_per_row(self) -> float | None:
+        """Seconds per row of the reference family: this call's warm-ups, else cached timings."""
+        fam = backbone_family(self.auto.families()[0][0])
+        warm = [t for n, t in self.warm.items() if backbone_family(n) == fam]
+        if warm:
+            return min(warm)
+        timings = self.auto.entry["timings"]
+        cached = [min(t.per_row_s) for n, t in timings.items() if backbone_family(n) == fam]
+        return min(cached) if cached else None
+
+    def _revalidate(self, name: str) -> bool:
+        """Re-measure a cached choice on this call's first chunks (their products are used)."""
+        cached = self.auto.entry["timings"][name]
+        if self.prepare(name) is None:
+            return False
+        if len(self.pool) < CHALLENGE_FACTOR * cached.chunk:
+            return True  # too few rows to measure: a short call keeps the cached choice
+        ts = []
+        for _ in range(2):
+            t = self.run_chunk(name, cached.chunk)
+            if t is None:
                 break
-            bb = make_backbone(cand, self.model, names, tensors, self.rng)
-            try:
-                with Stopwatch(self.device) as sw_prep:
-                    bb.prepare(batch)
-                best = None
-                for _ in range(2):
-                    if not rows_left:
-                        break
-                    take = per_batched if bb.batched else 1
-                    chunk, rows_left = rows_left[:take], rows_left[take:]
-                    ks, gs = [k for k, _ in chunk], [g for _, g in chunk]
-                    with Stopwatch(self.device) as sw:
-                        rows, h = self._evaluate(bb, ks, gs, group_of_tensor, plan, m, batch.weight, sinks)
-                    hvps += h
-                    prog.update(rows)
-                    per_row = sw.seconds / rows
-                    best = per_row if best is None else min(best, per_row)
-                auto.record(cand, sw_prep.seconds, best, per_batched if bb.batched else 1)
-            except RuntimeError as exc:  # HVPUnsupportedError, vmap limits, OOM of a batched try
-                auto.fail(cand, exc)
-            finally:
-                bb.release()
-        self.chosen = auto.choose(max(1, len(rows_left)))
-        timings.update({k: {"prepare_s": v[0], "per_hvp_s": v[1]} for k, v in auto.timings.items()})
-        timings["failed"] = {k: str(e).splitlines()[0] for k, e in auto.errors.items()}
-        timings["chosen"] = self.chosen
-        # regroup what is left: consecutive probe indices of one group stay together
-        pending = _regroup(rows_left)
-        seq = [c for (ks, gs) in pending for c in _rechunk(ks, gs, self.seq_rows)]
-        rechunked = [c for (ks, gs) in pending for c in _rechunk(ks, gs, self.max_rows)]
-        return seq, rechunked, hvps
+            ts.append(t)
+        if name not in self.live:
+            return False
+        if self.auto.still_valid(name, ts):
+            return True
+        self.auto.forget_timings()
+        return False
+
+    def _time_all(self, n_rows: int) -> HVPBackbone:
+        auto = self.auto
+        fams = auto.families()
+        ref_family = None
+        for fam in fams:  # the first family that works is the reference
+            first = None
+            for name in fam:
+                if not auto.usable(name) or not len(self.pool):
+                    continue
+                if name not in self.live and self.prepare(name, share_from=first) is None:
+                    continue
+                first = first or name
+                self.warm_up(name)
+            if any(backbone_family(n) == backbone_family(fam[0]) for n in self.live):
+                ref_family = fam
+                break
+        if ref_family is None:
+            raise auto.error()
+        ref = next(n for n in ref_family if n in self.live)
+        challengers = self.challengers(ref_family) if auto.batched_ok else []
+        challenged = not challengers
+        if challengers and self._want_challenge():
+            challenged = auto.challenged = True
+            for name in challengers:
+                self._challenge(ref, name, ref_family)
+        for _ in range(2):  # two interleaved measurements on rows of one group
+            g = self.pool.largest_group()
+            for name in list(self.live):
+                t = self.run_chunk(name, self.chunk(name), g)
+                if t is not None:
+                    self.meas[name].append(t)
+        for name in list(self.live):
+            per_row = self.meas[name] or ([self.warm[name]] if name in self.warm else [])
+            if per_row:
+                auto.record(name, Timing(self.prep_s[name], per_row, self.chunk(name)))
+        if not auto.timings:
+            if self.live:  # no rows were left to time it: keep what works
+                return self._keep(next(iter(self.live)))
+            raise auto.error()
+        choice = auto.choose(n_rows)
+        auto.store(challenged)
+        auto.validated = True
+        return self._keep(choice)
+
+    def _challenge(self, ref: str, name: str, ref_family: list[str]) -> None:
+        """Prepare ``name``, check it against the reference on the comparison probe, warm it up
+        (and drop it when the warm-up shows it cannot win)."""
+        if self.prepare(name) is None:
+            return
+        if self._ref_product is None:
+            self._ref_product = self.comparison_product(ref)
+        if self._ref_product is None:  # the reference failed on it: nothing to compare with
+            self.live.pop(name).release()
+            return
+        w = self.comparison_product(name)
+        if w is None:
+            return
+        rel, worst = agreement(self._ref_product, w, self.r.layout.names)
+        tol = agreement_tol(self.r.columns.dtype)
+        self.auto.compared[name] = rel
+        if not math.isfinite(rel):  # non-finite products cannot be compared: keep the reference
+            self.live.pop(name).release()
+            return
+        if rel > tol:
+            self.auto.disagree(ref, name, rel, worst, tol)
+            self.live.pop(name).release()
+            return
+        self.warm_up(name)
+        ref_warm = [self.warm[n] for n in ref_family if n in self.warm]
+        if name in self.warm and ref_warm and self.warm[name] > CHALLENGE_ABORT * min(ref_warm):
+            self.live.pop(name).release()  # its rows are delivered; it is just not timed further
+
+    def _keep(self, name: str) -> HVPBackbone:
+        """Release every prepared backbone but ``name`` and return it."""
+        bb = self.live.pop(name)
+        for other in self.live.values():
+            other.release()
+        self.live.clear()
+        return bb
+
+
+def _same_cause(name: str, failed: str, exc: Exception) -> Exception:
+    reason = getattr(exc, "reason", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return HVPUnsupportedError(f"as {failed!r}: {reason}", backbone=name, reason=f"as {failed!r}: {reason}",
+                               fix=getattr(exc, "fix", None))
 
 
 def _row_runs(ks, gs, g):

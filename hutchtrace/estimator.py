@@ -367,6 +367,8 @@ def block_traces(
         "hvp": info.backbone,
         "hvp_requested": hvp,
         "hvp_timings": info.timings,
+        # hvp="auto" found backbones multiplying by different matrices and used the reference only
+        "hvp_disagreement": info.timings.get("disagreement"),
         "backend": info.backend,
         "n_batches": info.n_batches,
         "n_samples": (_global_count(segments, info) if spec.kind == "dataset" else None),

@@ -17,7 +17,9 @@ computes:
 * cuDNN is disabled for models holding RNN modules on CUDA (no cuDNN double backward).
 
 :class:`ForwardRNG` replays the global RNG state before each forward of one batch, so
-every probe of that batch sees the same dropout mask whatever the HVP backbone.
+every probe of that batch sees the same dropout mask whatever the HVP backbone, and (with
+:meth:`ForwardRNG.begin_pass`) every pass of a call over the data replays the first one: one
+random function per call, one dropout mask per batch for every probe of every round.
 """
 
 from __future__ import annotations
@@ -123,12 +125,33 @@ class ForwardRNG:
 
     Usage per batch: :meth:`start_batch`, then each forward inside :meth:`forward`, then
     :meth:`end_batch`, which leaves the RNG where a single forward would have left it.
+
+    One random function per call: a caller that passes over the batches several times (the
+    pilot, adaptive rounds, a plan switch) calls :meth:`begin_pass` before each pass. The
+    first records the RNG state, every later one restores it, so batch ``m`` of every pass
+    starts from the same state and draws the same dropout mask (and a DataLoader shuffling
+    with the global RNG yields the same batches). The caller's
+    :class:`PreservedState` puts the global RNG back as it was on entry.
+
+    Example:
+        >>> rng = ForwardRNG()
+        >>> rng.begin_pass(); a = torch.rand(3)
+        >>> rng.begin_pass(); b = torch.rand(3)  # a later pass replays the first
+        >>> torch.equal(a, b)
+        True
     """
 
     def __init__(self, devices=()):
         self._cuda_ids = _cuda_devices(devices)
         self._start = None
         self._after = None
+        self._pass = None
+
+    def begin_pass(self) -> None:
+        if self._pass is None:
+            self._pass = _get_rng(self._cuda_ids)
+        else:
+            _set_rng(self._pass, self._cuda_ids)
 
     def start_batch(self) -> None:
         self._start = _get_rng(self._cuda_ids)

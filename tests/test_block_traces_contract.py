@@ -165,15 +165,19 @@ def crit_once(m, x, y):
     return F.cross_entropy(m[4](m[2](h)), y)
 
 
-def test_auto_falls_back_when_one_backbone_lacks_an_op():
-    # cdist has double backward but no forward-mode AD: auto must pick a reverse backbone
+def test_auto_falls_back_when_one_backbone_lacks_an_op(monkeypatch):
+    # cdist has double backward but no forward-mode AD: auto must pick a reverse backbone.
+    # (as if torch.func were initialised: auto then times forward mode on a call this short)
+    monkeypatch.setattr("hutchtrace.engine.forward_mode_initialised", lambda: True)
     w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
     m = nn.Module()
     m.w = w
     pts = torch.randn(5, 3, dtype=torch.float64)
-    res = hutchtrace.block_traces(m, lambda mm: torch.cdist(mm.w, pts).pow(2).sum(), K=16, hvp="auto", seed=0)
+    # K=64: auto times forward mode only when the call has enough rows to repay the timing
+    res = hutchtrace.block_traces(m, lambda mm: torch.cdist(mm.w, pts).pow(2).sum(), K=64, hvp="auto", seed=0)
     assert res.meta["hvp"].startswith("reverse")
     assert "forward" in res.meta["hvp_timings"]["failed"]
+    assert "forward-vmap" in res.meta["hvp_timings"]["failed"]
 
 
 def test_parameters_on_different_devices():
