@@ -41,6 +41,7 @@ from .sinks import CallbackSink, CSVSink, JSONLSink, TensorBoardSink, plot_monit
 from .snapshots import SnapshotRecorder, load_arrays, load_run
 from .spectra import block_eigenvalues, hutchpp, spectral_density, stable_rank
 from .spectrum import SpectrumSummary, VectorSummary, spectrum_summary, vector_summary
+from .twice import twice_differentiable
 from .variance import exact_variance
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "BlockLayout",
     "resolve_blocks",
     "ProbePlan",
+    "twice_differentiable",
     # statistics
     "exact_variance",
     "variance_decomposition",

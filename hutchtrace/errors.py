@@ -113,6 +113,7 @@ _OP_PATTERNS = (
     re.compile(r"vmap: We do not (?:yet )?support calling random operations inside of vmap"),
     re.compile(r"(once_differentiable)"),
     re.compile(r"does not support double backward"),
+    re.compile(r"double backwards on ([\w.:]+) not supported"),  # torchvision's roi_align, deform_conv2d...
 )
 
 
@@ -168,6 +169,16 @@ def unsupported_hvp(backbone: str, message: str, alternatives: list[str]) -> HVP
               "input (a PyTorch bug hit by F.mse_loss / nn.MSELoss; ((out - y) ** 2).mean() works)")
     if op == "once_differentiable":
         op = "a custom autograd.Function whose backward is @once_differentiable"
+    from .twice import swap_for_failing_op
+
+    swap = swap_for_failing_op(message)
+    if swap is not None:  # no backbone can help: every autograd mode lacks this derivative
+        return HVPUnsupportedError(
+            f"The {backbone!r} HVP backbone cannot differentiate through {op}: PyTorch has no second "
+            f"derivative for {swap.name} in any mode. Wrap the call in `with hutchtrace.twice_differentiable():`, "
+            f"which computes {swap.name}(x) as {swap.formula} (the same function, twice differentiable) and "
+            f"leaves the model unchanged. Original error: {message.strip().splitlines()[0]}"
+        )
     alt = " or ".join(f"hvp={a!r}" for a in alternatives) if alternatives else "another model formulation"
     return HVPUnsupportedError(
         f"The {backbone!r} HVP backbone cannot differentiate through {op}: it has no second "
