@@ -29,17 +29,15 @@ import foreign_models as fm
 import hutchtrace
 from hutchtrace import _reference
 
-#: the backbone of the exactness tests. "reverse" because hvp="auto" currently loses the rows
-#: of a backbone that fails while being timed (issue 13 A); switch to the default once fixed.
-HVP_EXACT = "reverse"
+#: the backbone of the exactness tests: the default a new user gets (every row is evaluated
+#: exactly once, by one operator, whatever ``auto`` tries while timing)
+HVP_EXACT = "auto"
 SEED = 11
 K_EXACT = 2
 
 #: issue 13 G: the auto / colored pilot costs L x pilot_K HVP rows; on these models (L = 62-142,
 #: 1.5-11 M parameters) probing="auto" runs for many minutes. Remove once the pilot scales.
 needs_scalable_auto = pytest.mark.skip(reason="needs a pilot whose cost does not grow with L (issue 13 G)")
-#: issue 13 B: adaptive rounds draw a new dropout mask; remove once one mask serves the whole call
-needs_one_mask_per_call = pytest.mark.skip(reason="needs one dropout mask per call across rounds (issue 13 B)")
 
 
 def _require(name: str) -> None:
@@ -148,7 +146,7 @@ def _auto_params():
     for name in fm.MODELS:
         marks = [needs_scalable_auto] if name in SLOW_AUTO else []
         out.append(pytest.param(name, False, marks=marks, id=name))
-    out.append(pytest.param("gpt2", True, marks=[needs_one_mask_per_call], id="gpt2-train-dropout"))
+    out.append(pytest.param("gpt2", True, id="gpt2-train-dropout"))
     return out
 
 
@@ -220,11 +218,7 @@ def test_gradient_checkpointing_exact_with_reverse(dropout):
     _checkpointing_matches_plain(dropout, "reverse")
 
 
-@pytest.mark.parametrize("dropout", [
-    pytest.param(0.0, marks=pytest.mark.xfail(strict=True, reason="issue 13 A: auto keeps 2 of 8 rows at zero")),
-    pytest.param(0.1, marks=pytest.mark.xfail(strict=True, reason="issue 13 A/C: auto picks reverse-batched, "
-                                                                 "which then fails (random op inside vmap)")),
-])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gradient_checkpointing_exact_with_the_default_backbone(dropout):
     _checkpointing_matches_plain(dropout, "auto")
 
