@@ -407,3 +407,17 @@ def test_the_cache_is_bounded(monkeypatch):
     for loss in losses:
         hutchtrace.block_traces(net, loss, K=2, seed=0, hvp="auto")
     assert len(hvp_mod._AUTO_CACHE) == 3
+
+
+def test_exact_hessian_default_is_the_symmetric_reference_on_padding_idx():
+    """``exact_hessian(method="auto")`` must not return forward-over-reverse's non-symmetric
+    matrix (pad row zeroed, column kept): it falls back to double backward."""
+    net = PadEmb()
+    data = pad_data()
+    crit = lambda o, t: ((o - t) ** 2).sum()  # noqa: E731
+    H_func, _ = exact_hessian(net, crit, data=data, method="func")
+    assert float((H_func - H_func.T).abs().max()) > 1e-3 * float(H_func.abs().max())  # the disagreement is real
+    H_auto, _ = exact_hessian(net, crit, data=data)
+    H_rev, _ = exact_hessian(net, crit, data=data, method="autograd")
+    assert torch.equal(H_auto, H_rev)
+    assert float((H_auto - H_auto.T).abs().max()) <= 1e-12 * float(H_auto.abs().max())
