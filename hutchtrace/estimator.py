@@ -423,7 +423,9 @@ def _pairwise_sink(variance, layout, plan, runner, probe, K, max_memory, single,
     # a kept product row is float64, and its regenerated probe is float64 while evaluated
     row_bytes = 16 * sum(t.numel() for t in layout.tensors)
     if single:
-        round_size = int(min(16, budget // max(1, row_bytes)))
+        # a round holds every probe of a fixed-K call below 16: a larger buffer is never filled
+        # (16 float64 rows of a resnet18 are 1.4 GB) and the pairs, hence the estimate, are the same
+        round_size = int(min(16 if adaptive else max(2, K), 16, budget // max(1, row_bytes)))
         accumulate = False
     else:  # dataset mode keeps every probe's accumulated product
         round_size = K if (K * row_bytes <= budget and not adaptive) else 0

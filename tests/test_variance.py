@@ -161,3 +161,36 @@ def test_auto_variance_is_the_sample_variance_in_sequential_mode():
     assert batched.meta["variance"] == "pairwise"
     # same probes, same samples: only the variance estimator differs
     assert torch.equal(seq.samples, explicit.samples)
+
+
+def test_pairwise_round_is_no_larger_than_a_fixed_K_call(monkeypatch):
+    """A fixed-K call keeps at most K rows per pairwise round (not 16): same estimate, less memory."""
+    import hutchtrace
+    from hutchtrace import variance as variance_mod
+    from hutchtrace.zoo import make_mlp
+
+    sizes = []
+    orig = variance_mod.PairwiseSink.__init__
+
+    def spy(self, *a, **kw):
+        orig(self, *a, **kw)
+        sizes.append(self.round_size)
+
+    def old_size(self, *a, **kw):  # the former rule: a 16-row round whatever K
+        orig(self, *a, **kw)
+        self.round_size = 16
+
+    model, crit, data = make_mlp()
+    monkeypatch.setattr(variance_mod.PairwiseSink, "__init__", old_size)
+    ref = hutchtrace.block_traces(model, crit, K=3, data=data, seed=5, variance="pairwise", hvp="reverse",
+                                  progress=False)
+    monkeypatch.setattr(variance_mod.PairwiseSink, "__init__", spy)
+    res = hutchtrace.block_traces(model, crit, K=3, data=data, seed=5, variance="pairwise", hvp="reverse",
+                                  progress=False)
+    assert sizes == [3]
+    assert torch.equal(torch.tensor([b.pairwise_variance for b in res.blocks]),
+                       torch.tensor([b.pairwise_variance for b in ref.blocks]))
+    sizes.clear()
+    hutchtrace.block_traces(model, crit, K=4, data=data, seed=5, variance="pairwise", hvp="reverse", rtol=0.5,
+                            max_K=8, progress=False)
+    assert sizes and all(s == 16 for s in sizes)  # adaptive calls keep full rounds
