@@ -128,9 +128,10 @@ def cuda_kernel_status(index: int, warn: bool = False) -> tuple[bool, str]:
         name = torch.cuda.get_device_name(index)
         warnings.warn(
             f"hutchtrace: the compiled CUDA kernels cannot run on cuda:{index} ({name}): {why}. "
-            "The pure-PyTorch reference kernels run on this GPU instead (same results, slower). "
-            f'To compile for it: TORCH_CUDA_ARCH_LIST="{capability[0]}.{capability[1]}" '
-            "pip install --no-build-isolation hutchtrace (from source).",
+            "The pure-PyTorch reference kernels run on this GPU instead (slower; the same probes "
+            "and statistics, sums equal to rounding). "
+            "To compile for it, rebuild from source with "
+            f'TORCH_CUDA_ARCH_LIST="{capability[0]}.{capability[1]}" (pip install --no-build-isolation .).',
             RuntimeWarning,
             stacklevel=3,
         )
