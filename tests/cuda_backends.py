@@ -80,7 +80,11 @@ def cuda_params() -> list:
 
 
 def emulated_params() -> list:
-    """One ``emu-*`` parameter per emulator schedule."""
+    """One ``emu-*`` parameter per emulator schedule; a single skipped ``emu`` when the
+    emulated tests are off (the environment is read at collection, nothing is built)."""
+    if not cudasim.enabled():
+        reason = f"emulated CUDA kernels: set {cudasim.ENV_ENABLE}=1 to build and run them"
+        return [pytest.param("off", id="emu", marks=pytest.mark.skip(reason=reason))]
     return [pytest.param(s, id=s.id) for s in cudasim.SCHEDULES]
 
 
