@@ -10,8 +10,10 @@ Environment switches:
     FORCE_CUDA=1            build the CUDA kernels or fail (no silent CPU-only build).
     CUDA_HOME / CUDA_PATH   CUDA toolkit root; default: the first toolkit found
                             (nvcc on PATH, /usr/local/cuda, /usr/local/cuda-*).
-    TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0". Default: the visible GPUs,
-                            or "9.0+PTX" (H100/H200, PTX for newer GPUs) when no GPU is visible.
+    TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0". Default: the visible GPUs; when
+                            no GPU is visible (how wheels are built), WHEEL_ARCHS of
+                            hutchtrace/_cuda_arch.py (7.5 to 12.0) as far as nvcc supports
+                            them, with PTX of the newest for later GPUs.
     NVCC_FLAGS              extra nvcc flags (split like a shell would).
     DEBUG=1                 -O0 -g instead of -O3.
     MAX_JOBS                parallel compile jobs (ninja).
@@ -35,7 +37,20 @@ import time
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "9.0+PTX"
+
+
+def _load_cuda_arch():
+    """hutchtrace/_cuda_arch.py, loaded by path (the package is not importable yet)."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "hutchtrace", "_cuda_arch.py")
+    spec = importlib.util.spec_from_file_location("_hutchtrace_cuda_arch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cuda_arch = _load_cuda_arch()
 
 
 def _env_flag(name: str) -> bool:
@@ -83,9 +98,39 @@ def _nvcc_version(cuda_home: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _nvcc_archs(cuda_home: str) -> set[str] | None:
+    """Compute capabilities ("8.6", ...) this nvcc compiles for, or None if it cannot say."""
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    archs = set()
+    for num in re.findall(r"compute_(\d+)\b", out):
+        archs.add(f"{num[:-1]}.{num[-1]}")
+    return archs or None
+
+
 def _sources(pattern: str) -> list[str]:
     # Relative paths keep the build independent of where the checkout lives.
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _torch_accepts(cpp_extension, arch: str) -> bool:
+    """Whether torch's build helper knows ``arch`` (it raises ValueError for the others)."""
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        cpp_extension._get_cuda_arch_flags()
+        return True
+    except ValueError:
+        return False
+    except Exception:  # a private helper that changed: let nvcc decide
+        return True
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
 
 def get_extensions():
@@ -122,6 +167,7 @@ def get_extensions():
         raise RuntimeError(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
 
     arch_list = None
+    sass, ptx = [], []
     if with_cuda:
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
         if not arch_list:
@@ -130,8 +176,17 @@ def get_extensions():
                 caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
                 arch_list = ";".join(f"{a}.{b}" for a, b in caps) + "+PTX"
             else:
-                arch_list = DEFAULT_ARCH_LIST
+                nvcc_archs = _nvcc_archs(cuda_home)
+                arch_list = cuda_arch.default_arch_list(
+                    {a for a in cuda_arch.WHEEL_ARCHS
+                     if (nvcc_archs is None or a in nvcc_archs) and _torch_accepts(cpp_extension, a)}
+                )
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        try:  # the -gencode flags torch will pass: what the binary will carry
+            sass, ptx = cuda_arch.arch_images(cpp_extension._get_cuda_arch_flags())
+        except Exception as exc:  # a private helper: report, never fail the build on it
+            print(f"hutchtrace setup: could not resolve the arch flags ({exc}); "
+                  "hutchtrace.info will not know them")
 
     # -ffp-contract=off: no FMA contraction, so the probe math is bit-exact on every host.
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
@@ -193,6 +248,8 @@ def get_extensions():
         "cuda_home": cuda_home if with_cuda else None,
         "nvcc": nvcc_version if with_cuda else None,
         "arch_list": arch_list,
+        "cuda_sass": sass if with_cuda else None,
+        "cuda_ptx": ptx if with_cuda else None,
         "python": sys.version.split()[0],
         "py_limited_api": abi_tag,
         "cxx_flags": cxx_flags,
@@ -208,6 +265,8 @@ def get_extensions():
         "cuda_home",
         "nvcc",
         "arch_list",
+        "cuda_sass",
+        "cuda_ptx",
         "py_limited_api",
         "cxx_flags",
         "nvcc_flags",

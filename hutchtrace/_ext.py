@@ -5,6 +5,11 @@ the ``torch.ops.hutchtrace.*`` operators. A failed load is never fatal: the pure
 reference in :mod:`hutchtrace._reference` takes over, the reason is kept in
 :data:`LOAD_ERROR` and reported once by ``python -m hutchtrace.info``.
 
+CUDA kernels run only on GPUs the build has a kernel image for (SASS of the same major
+architecture, or PTX the driver can compile; see :mod:`hutchtrace._cuda_arch`). On any
+other GPU the reference kernels run instead, with one warning per device, decided the
+first time a tensor on that device reaches an op (CUDA is never queried at import).
+
 Environment:
     HUTCHTRACE_DISABLE_EXT=1   never load the extension (forces the reference path).
     HUTCHTRACE_MORE_DETAILS=1  keep the full traceback of a failed load.
@@ -15,6 +20,9 @@ from __future__ import annotations
 import json
 import os
 import traceback
+import warnings
+
+from . import _cuda_arch
 
 HAS_EXT: bool = False
 DISABLED: bool = os.environ.get("HUTCHTRACE_DISABLE_EXT", "0") not in ("", "0", "false", "False")
@@ -54,20 +62,30 @@ if HAS_EXT:
     except Exception as exc:  # an old torch without register_fake: eager still works
         FAKE_ERROR = f"{type(exc).__name__}: {exc}"
 
-# device type -> whether a compiled kernel exists (asked once per type: it sits in hot loops)
-_HAS_KERNEL: dict[str, bool] = {}
+# device type ("cpu") or CUDA device index -> whether a compiled kernel runs there (asked
+# once per device: it sits in hot loops)
+_HAS_KERNEL: dict = {}
 _CUDA_COMPILED: bool | None = None
 
 
 def has_kernel(device) -> bool:
-    """Whether a compiled kernel is registered for tensors on ``device``."""
+    """Whether a compiled kernel runs for tensors on ``device``."""
     if not HAS_EXT:
         return False
     dev_type = device.type if hasattr(device, "type") else _device_type(device)
-    found = _HAS_KERNEL.get(dev_type)
+    if dev_type != "cuda":
+        return dev_type == "cpu"
+    index = getattr(device, "index", None)
+    if index is None:
+        import torch
+
+        index = torch.device(device).index
+        if index is None:
+            index = torch.cuda.current_device()
+    found = _HAS_KERNEL.get(index)
     if found is None:
-        found = dev_type == "cpu" or (dev_type == "cuda" and cuda_compiled())
-        _HAS_KERNEL[dev_type] = found
+        found, _ = cuda_kernel_status(index, warn=True)
+        _HAS_KERNEL[index] = found
     return found
 
 
@@ -75,6 +93,49 @@ def _device_type(device) -> str:
     import torch
 
     return torch.device(device).type
+
+
+def cuda_images() -> tuple[list[str], list[str]] | None:
+    """(SASS, PTX) targets compiled into the extension, from its build record; None if unknown."""
+    build = build_info() or {}
+    if build.get("cuda_sass") is not None:
+        return list(build["cuda_sass"]), list(build.get("cuda_ptx") or [])
+    if build.get("arch_list"):
+        return _cuda_arch.images_from_arch_list(build["arch_list"])
+    return None
+
+
+_WARNED: set = set()
+
+
+def cuda_kernel_status(index: int, warn: bool = False) -> tuple[bool, str]:
+    """Whether the compiled CUDA kernels run on GPU ``index``, and why (or why not).
+
+    ``warn=True`` issues the one warning per device when they do not and the reference
+    kernels take over.
+    """
+    if not cuda_compiled():
+        return False, "the extension was built without CUDA kernels"
+    import torch
+
+    images = cuda_images()
+    if images is None:  # a build without a record: assume it was built for this machine
+        return True, "kernel images unknown (no build record); assumed to match"
+    capability = torch.cuda.get_device_capability(index)
+    ok, why = _cuda_arch.kernel_image(capability, *images)
+    if not ok and warn and index not in _WARNED:
+        _WARNED.add(index)
+        name = torch.cuda.get_device_name(index)
+        warnings.warn(
+            f"hutchtrace: the compiled CUDA kernels cannot run on cuda:{index} ({name}): {why}. "
+            "The pure-PyTorch reference kernels run on this GPU instead (slower; the same probes "
+            "and statistics, sums equal to rounding). "
+            "To compile for it, rebuild from source with "
+            f'TORCH_CUDA_ARCH_LIST="{capability[0]}.{capability[1]}" (pip install --no-build-isolation .).',
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ok, why
 
 
 def cuda_compiled() -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -59,16 +59,19 @@ def _welford_merge_fake(count, mean, m2, count_b, mean_b, m2_b):
     )
 
 
-def register_fakes() -> None:
-    """Register every fake kernel once (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
+def register_fakes(namespace: str = "hutchtrace") -> None:
+    """Register every fake kernel once per operator namespace (idempotent).
+
+    ``namespace`` is ``"hutchtrace"`` for the real extension; the CUDA emulator of the tests
+    registers the same ops as ``"hutchtrace_emu"`` and reuses these fakes.
+    """
+    if namespace in _REGISTERED:
         return
     reg = torch.library.register_fake
-    reg("hutchtrace::rademacher_")(_probe_fake)
-    reg("hutchtrace::gaussian_")(_probe_fake)
-    reg("hutchtrace::block_dot")(_block_dot_fake)
-    reg("hutchtrace::block_dot_regen")(_block_dot_regen_fake)
-    reg("hutchtrace::welford_update_")(_welford_update_fake)
-    reg("hutchtrace::welford_merge_")(_welford_merge_fake)
-    _REGISTERED = True
+    reg(f"{namespace}::rademacher_")(_probe_fake)
+    reg(f"{namespace}::gaussian_")(_probe_fake)
+    reg(f"{namespace}::block_dot")(_block_dot_fake)
+    reg(f"{namespace}::block_dot_regen")(_block_dot_regen_fake)
+    reg(f"{namespace}::welford_update_")(_welford_update_fake)
+    reg(f"{namespace}::welford_merge_")(_welford_merge_fake)
+    _REGISTERED.add(namespace)

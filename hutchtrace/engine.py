@@ -497,7 +497,7 @@ class ProbeRunner:
         w, wf = self._products(bb, z, wbuf, zbuf.rows if zbuf is not None else None,
                                self._supports(gs, group_of_tensor))
         # z is in memory already: reading it is cheaper than regenerating it (Philox is
-        # the bottleneck of the CPU kernels), and both give the same bits
+        # the bottleneck of the CPU kernels); both see the same probe bits, their sums agree to rounding
         dots, sq = self._reduce(w, z)
         return RowBatch(batch_index, weight, list(ks), list(gs), z, w, dots, sq, zf, wf)
 

@@ -7,9 +7,31 @@ why the compiled extension is unavailable when it is, and how it was built.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-__all__ = ["info_dict", "main"]
+__all__ = ["CUDA_VERIFICATION", "info_dict", "main"]
+
+#: What the correctness of the CUDA kernels rests on. Update it when they run on a GPU
+#: (``python bench/gpu_suite.py`` writes bench/results/gpu_suite.json).
+CUDA_VERIFICATION = {
+    "method": "emulated",
+    "detail": (
+        "csrc/cuda/*.cu executed on the CPU by the cudasim emulator (tests/cudasim): every CUDA "
+        "kernel test under 3 schedules (thread and block order forward/reverse/random, 1/3/132 SMs); "
+        "probes and Welford bit-identical to the CPU kernels, block_dot within its rounding bound"
+    ),
+    "date": "2026-12-03",
+    "hardware": None,  # e.g. "NVIDIA H100 80GB HBM3 (sm_90), driver 580.65, 2027-01-15"
+}
+
+
+def cuda_verification_line() -> str:
+    """One line: how the CUDA kernels were verified, when, and on what."""
+    v = CUDA_VERIFICATION
+    if v["hardware"]:
+        return f"on hardware: {v['hardware']}"
+    return f"{v['method']} (cudasim) on {v['date']}; never run on hardware"
 
 
 def _version() -> str:
@@ -34,6 +56,18 @@ def info_dict() -> dict:
 
     cuda_available = torch.cuda.is_available()
     cuda_compiled = _ext.cuda_compiled()
+    devices = []
+    if cuda_available:
+        for i in range(torch.cuda.device_count()):
+            ok, why = _ext.cuda_kernel_status(i) if _ext.HAS_EXT else (False, "compiled extension not loaded")
+            major, minor = torch.cuda.get_device_capability(i)
+            devices.append(
+                {"index": i, "name": torch.cuda.get_device_name(i), "capability": f"{major}.{minor}",
+                 "compiled_kernels": ok, "kernel_image": why}
+            )
+    cuda_backend = "compiled" if devices and all(d["compiled_kernels"] for d in devices) else "fallback"
+    if devices and cuda_backend == "fallback" and any(d["compiled_kernels"] for d in devices):
+        cuda_backend = "compiled on some devices"
     if _ext.HAS_EXT:
         cuda_reason = None
         if not cuda_compiled:
@@ -41,25 +75,34 @@ def info_dict() -> dict:
             cuda_reason = build.get("cuda_skipped_reason") or "extension built without CUDA sources"
         elif not cuda_available:
             cuda_reason = "no CUDA device visible"
+        elif cuda_backend != "compiled":
+            cuda_reason = "; ".join(
+                f"cuda:{d['index']}: {d['kernel_image']}" for d in devices if not d["compiled_kernels"]
+            )
     else:
         cuda_reason = "compiled extension not loaded"
+    images = _ext.cuda_images() if cuda_compiled else None
     return {
         "hutchtrace": _version(),
+        "package": os.path.dirname(os.path.abspath(_ext.__file__)),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": cuda_available,
-        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if cuda_available
-        else [],
+        "cuda_devices": [d["name"] for d in devices],
+        "cuda_device_kernels": devices,
         "extension_loaded": _ext.HAS_EXT,
         "extension_disabled": _ext.DISABLED,
         "load_error": _ext.LOAD_ERROR,
         "fake_kernels_error": _ext.FAKE_ERROR,
         "cuda_compiled": cuda_compiled,
+        "cuda_arch_list": (_ext.build_info() or {}).get("arch_list") if cuda_compiled else None,
+        "cuda_sass": images[0] if images else None,
+        "cuda_ptx": images[1] if images else None,
+        "cuda_verification": dict(CUDA_VERIFICATION),
         "backends": {
             "cpu": "compiled" if _ext.has_kernel("cpu") else "fallback",
-            "cuda": "compiled" if (cuda_compiled and cuda_available) else "fallback",
+            "cuda": cuda_backend if cuda_compiled else "fallback",
         },
         "cuda_fallback_reason": cuda_reason,
         "build": _ext.build_info(),
@@ -76,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     yes = {True: "yes", False: "no"}
     rows = [
         ("hutchtrace", info["hutchtrace"]),
+        ("imported from", info["package"]),
         ("python", info["python"]),
         ("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none'})"),
         (
@@ -85,12 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("extension loaded", yes[info["extension_loaded"]]),
         ("CUDA compiled", yes[info["cuda_compiled"]]),
+    ]
+    if info["cuda_sass"] is not None:
+        images = ", ".join(info["cuda_sass"] + [f"{t} (PTX)" for t in info["cuda_ptx"]])
+        rows.append(("CUDA kernel images", f"{images}  [TORCH_CUDA_ARCH_LIST={info['cuda_arch_list']}]"))
+    rows += [
         ("CPU kernels", info["backends"]["cpu"]),
         ("CUDA kernels", info["backends"]["cuda"]),
     ]
+    for d in info["cuda_device_kernels"]:
+        rows.append((f"  cuda:{d['index']}", f"{d['name']} (sm {d['capability']}): {d['kernel_image']}"))
+    rows.append(("CUDA kernels verified", cuda_verification_line()))
     if info["load_error"]:
         rows.append(("load error", info["load_error"]))
-    if info["cuda_fallback_reason"] and info["backends"]["cuda"] == "fallback":
+    if info["cuda_fallback_reason"] and info["backends"]["cuda"] != "compiled":
         rows.append(("CUDA fallback because", info["cuda_fallback_reason"]))
     if info["fake_kernels_error"]:
         rows.append(("fake kernels", f"not registered: {info['fake_kernels_error']}"))

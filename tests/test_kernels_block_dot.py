@@ -12,16 +12,13 @@ import random
 import pytest
 import torch
 
-from hutchtrace import _ext, _reference, ops
+import cudasim
+from cuda_backends import cuda_kernels, get_kernels  # noqa: F401  (fixture)
+from hutchtrace import _reference, ops
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 ACCS = [torch.float64, torch.float32]
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
-
-
-def needs_compiled_cuda():
-    if not _ext.cuda_compiled():
-        pytest.skip("extension built without CUDA kernels")
 
 
 def make_case(seed, dtype, batched, device="cpu", num_blocks=7, max_tensors=12):
@@ -72,8 +69,12 @@ def row_numel(w, batched):
     return max(1, sum((t[0].numel() if batched else t.numel()) for t in w))
 
 
-def check(w, z, idx, L, batched, acc):
-    dots, sq = ops.block_dot(w, z, idx, L, batched=batched, acc_dtype=acc)
+def check(w, z, idx, L, batched, acc, fn=None):
+    """``fn(w, z, idx, L, batched, acc)`` (default: ``ops.block_dot``) against the float64 reference."""
+    if fn is None:
+        dots, sq = ops.block_dot(w, z, idx, L, batched=batched, acc_dtype=acc)
+    else:
+        dots, sq = fn(w, z, idx, L, batched, acc)
     assert dots.dtype == acc and sq.dtype == acc
     assert dots.device == w[0].device
     d, s, ad, asq = exact(w, z, idx, L, batched)
@@ -192,12 +193,16 @@ def test_block_dot_empty_list_uses_reference():
 
 
 # --------------------------------------------------------------------------- regen
-def explicit_probes(w, offsets, seed, probe, kind, batched):
+def explicit_probes(w, offsets, seed, probe, kind, batched, kernels=None):
+    """The probes block_dot_regen regenerates, materialised (by ``kernels`` when given)."""
     rows = w[0].shape[0] if batched else 1
     z = []
     for wj, off in zip(w, offsets):
         n = wj[0].numel() if batched else wj.numel()
-        zj = ops.probes(seed, probe, off, n, num_probes=rows, kind=kind, dtype=wj.dtype, device=wj.device)
+        if kernels is None:
+            zj = ops.probes(seed, probe, off, n, num_probes=rows, kind=kind, dtype=wj.dtype, device=wj.device)
+        else:
+            zj = kernels.probes(seed, probe, off, n, rows, kind, wj.dtype)
         z.append(zj.reshape(wj.shape))
     return z
 
@@ -258,6 +263,34 @@ def test_cpu_regen_matches_reference_fallback_path():
 
 
 @pytest.mark.needs_ext
+@pytest.mark.parametrize("batched", [False, True])
+def test_cpu_regen_rejects_int64_overflow(batched):
+    """Element offsets[j] + n and probe index probe + B must fit in int64, as for the probe ops."""
+    lead = (2,) if batched else ()
+    w = [torch.ones(lead + (3,)), torch.ones(lead + (5,))]
+    regen = torch.ops.hutchtrace.block_dot_regen
+    with pytest.raises(ValueError, match=r"offsets\[1\] \+ n .* overflows int64"):
+        regen(w, [0, 2**63 - 5], [0, 0], 1, 1, 0, 0, batched, None)
+    regen(w, [0, 2**63 - 6], [0, 0], 1, 1, 0, 0, batched, None)  # the last element index is 2**63 - 2
+    rows = 2 if batched else 1
+    with pytest.raises(ValueError, match=r"probe \+ B .* overflows int64"):
+        regen(w, [0, 3], [0, 0], 1, 1, 2**63 - rows, 0, batched, None)
+    regen(w, [0, 3], [0, 0], 1, 1, 2**63 - 1 - rows, 0, batched, None)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_wrapper_regen_rejects_int64_overflow(batched):
+    """The ops wrapper checks the same ranges on every path (compiled or reference)."""
+    lead = (2,) if batched else ()
+    w = [torch.ones(lead + (3,)), torch.ones(lead + (5,))]
+    with pytest.raises(ValueError, match=r"offsets\[1\] \+ n .* overflows int64"):
+        ops.block_dot_regen(w, [0, 2**63 - 5], [0, 0], 1, seed=1, probe=0, batched=batched)
+    with pytest.raises(ValueError, match=r"probe \+ B .* overflows int64"):
+        probe = 2**63 - (2 if batched else 1)
+        ops.block_dot_regen(w, [0, 3], [0, 0], 1, seed=1, probe=probe, batched=batched)
+
+
+@pytest.mark.needs_ext
 def test_cpu_regen_rejects_bad_input():
     w = [torch.ones(4)]
     with pytest.raises(ValueError):
@@ -271,23 +304,34 @@ def test_cpu_regen_rejects_bad_input():
 
 
 # ---------------------------------------------------------------------------- CUDA
+# `cuda_kernels`: a real GPU, or the same .cu sources run by the cudasim emulator under
+# several schedules (tests/cuda_backends.py). The CUDA kernel chunks differently from the
+# CPU kernel (and a GPU fuses multiply-adds), so sums are compared within the rounding
+# bound, never bit for bit; determinism is compared bit for bit.
+def _on(K, tensors):
+    return [t.to(K.device) for t in tensors]
+
+
+def _partial_launches(K):
+    return [launch for launch in K.launches() if launch["kernel"].startswith("block_dot_partial_kernel")]
+
+
 @pytest.mark.needs_ext
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("acc", ACCS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_block_dot_random(dtype, acc, batched):
-    needs_compiled_cuda()
+def test_cuda_block_dot_random(cuda_kernels, dtype, acc, batched):
+    K = cuda_kernels
     for seed in range(12):
-        w, z, idx, L = make_case(seed, dtype, batched, device="cuda")
-        check(w, z, idx, L, batched, acc)
+        w, z, idx, L = make_case(seed, dtype, batched, device=K.device)
+        dots, sq = check(w, z, idx, L, batched, acc, fn=K.block_dot)
+        assert bool((dots[..., L - 2 :] == 0).all()) and bool((sq[..., L - 2 :] == 0).all())
 
 
 @pytest.mark.needs_ext
-@pytest.mark.needs_cuda
-def test_cuda_block_dot_many_tensors_and_ten_million():
+def test_cuda_block_dot_many_tensors_and_ten_million(cuda_kernels):
     """More tensors than one launch's parameter table (several pass-1 launches), and 10^7."""
-    needs_compiled_cuda()
+    K = cuda_kernels
     g = torch.Generator().manual_seed(4)
     w = [torch.randn(int(n), generator=g) for n in torch.randint(0, 300, (1000,), generator=g)]
     z = [torch.randn(t.shape, generator=g) for t in w]
@@ -296,25 +340,24 @@ def test_cuda_block_dot_many_tensors_and_ten_million():
     z.append(torch.randn(10_000_000, generator=g))
     idx.append(5)
     for acc in ACCS:
-        check([t.cuda() for t in w], [t.cuda() for t in z], idx, 40, False, acc)
+        K.clear_launches()
+        check(_on(K, w), _on(K, z), idx, 40, False, acc, fn=K.block_dot)
+        if K.emulated:
+            nonempty = sum(t.numel() > 0 for t in w)
+            assert len(_partial_launches(K)) == -(-nonempty // 384)
 
 
 @pytest.mark.needs_ext
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
-def test_cuda_regen_and_determinism(kind):
-    needs_compiled_cuda()
+def test_cuda_regen_and_determinism(cuda_kernels, kind):
+    K = cuda_kernels
     for dtype in DTYPES:
-        w, _, idx, L = make_case(50, dtype, True, device="cuda")
+        w, _, idx, L = make_case(50, dtype, True, device=K.device)
         offsets = [2**33 + 5 * j for j in range(len(w))]
-        z = explicit_probes(w, offsets, 77, 2**32 + 1, kind, True)
+        z = explicit_probes(w, offsets, 77, 2**32 + 1, kind, True, kernels=K)
         for acc in ACCS:
-            d1, s1 = ops.block_dot_regen(
-                w, offsets, idx, L, seed=77, probe=2**32 + 1, kind=kind, batched=True, acc_dtype=acc
-            )
-            d1b, s1b = ops.block_dot_regen(
-                w, offsets, idx, L, seed=77, probe=2**32 + 1, kind=kind, batched=True, acc_dtype=acc
-            )
+            d1, s1 = K.block_dot_regen(w, offsets, idx, L, 77, 2**32 + 1, kind, True, acc)
+            d1b, s1b = K.block_dot_regen(w, offsets, idx, L, 77, 2**32 + 1, kind, True, acc)
             assert torch.equal(d1, d1b) and torch.equal(s1, s1b)
             d, s, ad, asq = exact(w, z, idx, L, True)
             n = row_numel(w, True)
@@ -336,10 +379,93 @@ def test_cuda_regen_and_determinism(kind):
 
 
 @pytest.mark.needs_ext
+@pytest.mark.parametrize("regen", [False, True], ids=["explicit", "regen"])
+def test_cuda_block_dot_rows_beyond_the_grid_limit(cuda_kernels, regen):
+    """Probe rows sit on gridDim.y (at most 65535 on every GPU): more rows take several
+    launches. A GPU gets 65537 rows; the emulator lowers the limit to 3 and gets 8 rows."""
+    K = cuda_kernels
+    # emulated: the middle tensor spans two chunks, so each launch is a 4 x rows grid
+    rows, limit, sizes = (8, 3, [3, 20000, 1]) if K.emulated else (65537, 65535, [3, 200, 1])
+    g = torch.Generator().manual_seed(11)
+    w = [torch.randn(rows, n, generator=g) for n in sizes]
+    offsets = [0, sizes[0], sizes[0] + sizes[1]]
+    idx, L = [1, 0, 1], 2
+    for acc in ACCS:
+        K.clear_launches()
+        if regen:
+            z = explicit_probes(w, offsets, 5, 9, "gaussian", True)
+            with K.grid_y_limit(limit):
+                got = K.block_dot_regen(_on(K, w), offsets, idx, L, 5, 9, "gaussian", True, acc)
+        else:
+            z = [torch.randn(t.shape, generator=g) for t in w]
+            with K.grid_y_limit(limit):
+                got = K.block_dot(_on(K, w), _on(K, z), idx, L, True, acc)
+        d, s, ad, asq = exact(w, z, idx, L, True)
+        assert_close_sums(got[0], d, ad, acc, sum(sizes))
+        assert_close_sums(got[1], s, asq, acc, sum(sizes))
+        if K.emulated:
+            grids = [launch["grid"] for launch in _partial_launches(K)]
+            assert [gr[1] for gr in grids] == [3, 3, 2] and all(gr[0] == 4 for gr in grids), grids
+
+
+@pytest.mark.needs_ext
+def test_cuda_block_dot_all_empty_needs_no_launch(cuda_kernels):
+    """Every tensor empty, more rows than one launch takes: zeros, and nothing launched."""
+    K = cuda_kernels
+    w = [torch.empty(70000, 0, device=K.device), torch.empty(70000, 2, 0, device=K.device)]
+    for acc in ACCS:
+        K.clear_launches()
+        d, s = K.block_dot(w, w, [0, 2], 3, True, acc)
+        d2, s2 = K.block_dot_regen(w, [0, 0], [0, 2], 3, 1, 2, "gaussian", True, acc)
+        for t in (d, s, d2, s2):
+            assert t.shape == (70000, 3) and t.dtype == acc and bool((t == 0).all())
+        assert K.launches() == []
+
+
+@pytest.mark.needs_ext
+@pytest.mark.parametrize("batched", [False, True])
+def test_cuda_regen_rejects_int64_overflow(cuda_kernels, batched):
+    K = cuda_kernels
+    lead = (2,) if batched else ()
+    w = [torch.ones(lead + (3,), device=K.device), torch.ones(lead + (5,), device=K.device)]
+    with pytest.raises(ValueError, match=r"offsets\[1\] \+ n .* overflows int64"):
+        K.block_dot_regen(w, [0, 2**63 - 5], [0, 0], 1, 1, 0, "rademacher", batched)
+    with pytest.raises(ValueError, match=r"probe \+ B .* overflows int64"):
+        K.block_dot_regen(w, [0, 3], [0, 0], 1, 1, 2**63 - (2 if batched else 1), "rademacher", batched)
+
+
+@pytest.mark.needs_ext
+def test_emulated_block_dot_is_bit_identical_across_schedules():
+    """The CUDA reductions are deterministic: one set of calls gives the same bits under every
+    thread order, block order and SM count the emulator tries (float32 sums, which expose
+    any change of summation order)."""
+    if not cudasim.enabled():
+        pytest.skip(f"emulated CUDA kernels: set {cudasim.ENV_ENABLE}=1 to build and run them")
+    cases = []
+    for seed in range(4):
+        w, z, idx, L = make_case(200 + seed, torch.float32, True, max_tensors=20)
+        g = torch.Generator().manual_seed(seed)
+        w.append(torch.randn(w[0].shape[0], 40000, generator=g))  # several chunks per row
+        z.append(torch.randn(w[0].shape[0], 40000, generator=g))
+        cases.append((w, z, idx + [1], L))
+    results = []
+    for schedule in cudasim.SCHEDULES:
+        K = get_kernels(schedule)
+        out = []
+        for w, z, idx, L in cases:
+            out += K.block_dot(w, z, idx, L, True, torch.float32)
+            offsets = [7 * j for j in range(len(w))]
+            out += K.block_dot_regen(w, offsets, idx, L, 3, 1, "gaussian", True, torch.float32)
+        results.append(out)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.needs_ext
 @pytest.mark.needs_cuda
 def test_cuda_block_dot_graph_capture_and_no_sync():
     """One probe step (probes -> reduction -> statistics) captured in a CUDA graph."""
-    needs_compiled_cuda()
+    get_kernels(None)  # skips unless the extension has CUDA kernels
     from torch.cuda import graphs
 
     w = [torch.randn(2, 300, device="cuda"), torch.randn(2, 7, 5, device="cuda")]

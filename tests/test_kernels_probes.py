@@ -17,7 +17,8 @@ import re
 import pytest
 import torch
 
-from hutchtrace import _ext, _reference, ops
+from cuda_backends import cuda_kernels  # noqa: F401  (fixture)
+from hutchtrace import _reference, ops
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 KINDS = ["rademacher", "gaussian"]
@@ -147,11 +148,6 @@ def cases(n_random, seed=0):
             )
         )
     return out
-
-
-def needs_compiled_cuda():
-    if not _ext.cuda_compiled():
-        pytest.skip("extension built without CUDA kernels")
 
 
 # ------------------------------------------------------------------ always-run checks
@@ -305,33 +301,41 @@ def test_probe_distribution_is_sane():
 
 
 # ---------------------------------------------------------------------------- CUDA
+# `cuda_kernels`: a real GPU, or the same .cu sources run by the cudasim emulator under
+# several schedules (tests/cuda_backends.py).
 @pytest.mark.needs_ext
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-def test_cuda_kernel_equals_cpu_kernel_and_reference(kind, dtype):
-    needs_compiled_cuda()
+def test_cuda_kernel_equals_cpu_kernel_and_reference(cuda_kernels, kind, dtype):
+    K = cuda_kernels
     for seed, probe, offset, numel, rows in cases(40):
-        gpu = torch.full((rows, numel), 7.0, dtype=dtype, device="cuda")
-        compiled(gpu, seed, probe, offset, kind)
+        dev = torch.full((rows, numel), 7.0, dtype=dtype, device=K.device)  # 7 catches unwritten entries
+        K.fill_probes(dev, seed, probe, offset, kind)
         cpu = torch.empty((rows, numel), dtype=dtype)
         compiled(cpu, seed, probe, offset, kind)
-        assert torch.equal(gpu.cpu(), cpu), (seed, probe, offset, numel, rows)
-        ref = _reference.probes(
-            seed, probe, offset, numel, num_probes=rows, kind=kind, dtype=dtype, device="cuda"
-        )
-        assert torch.equal(gpu, ref), (seed, probe, offset, numel, rows)
+        assert torch.equal(dev.cpu(), cpu), (seed, probe, offset, numel, rows)
+        ref = reference_probes(seed, probe, offset, numel, rows, kind, dtype, device=K.device)
+        assert torch.equal(dev, ref), (seed, probe, offset, numel, rows)
 
 
 @pytest.mark.needs_ext
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("kind", KINDS)
-def test_cuda_kernel_large_unaligned(kind):
-    needs_compiled_cuda()
+def test_cuda_kernel_large_unaligned(cuda_kernels, kind):
+    """3 million elements per row, an unaligned offset beyond 2^32, probe indices across a
+    32-bit boundary: a grid-stride loop over many groups per thread (emulated with one SM:
+    8 blocks of 256 threads for 1.5 million groups)."""
+    K = cuda_kernels
     n = 3_000_001
-    gpu = torch.empty(2, n, dtype=torch.float32, device="cuda")
-    compiled(gpu, 2**40 + 1, 2**32 + 1, 2**33 + 3, kind)
+    dev = torch.empty(2, n, dtype=torch.float32, device=K.device)
+    K.clear_launches()
+    K.fill_probes(dev, 2**40 + 1, 2**32 + 1, 2**33 + 3, kind)
     cpu = torch.empty(2, n, dtype=torch.float32)
     compiled(cpu, 2**40 + 1, 2**32 + 1, 2**33 + 3, kind)
-    assert torch.equal(gpu.cpu(), cpu)
-    assert ops.backend_name("cuda") == "compiled-cuda"
+    assert torch.equal(dev.cpu(), cpu)
+    if K.emulated:
+        (launch,) = K.launches()
+        off = 2**33 + 3
+        work = 2 * (((off + n - 1) >> 2) - (off >> 2) + 1)  # rows x Philox groups
+        assert launch["grid"][0] == min(8 * K.schedule.sm_count, -(-work // 256))
+    else:
+        assert ops.backend_name("cuda") == "compiled-cuda"

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
-from hutchtrace import _ext, _reference, ops
-
-
-def needs_compiled_cuda():
-    if not _ext.cuda_compiled():
-        pytest.skip("extension built without CUDA kernels")
+from cuda_backends import cuda_kernels  # noqa: F401  (fixture)
+from hutchtrace import _reference, ops
 
 
 def fresh(L, device="cpu"):
@@ -108,6 +106,25 @@ def test_cpu_merge_matches_reference_and_numpy():
 
 
 @pytest.mark.needs_ext
+def test_merge_and_sequential_updates_round_differently():
+    """Why a merge is only ever compared with a merge: Chan's formula and row-by-row updates
+    are different IEEE operations, so on the same data they agree to rounding, not in bits
+    (the first GPU test compared one with the other bit for bit)."""
+    rng = np.random.default_rng(4)
+    L = 1000
+    xs = chunks_of(rng.normal(2.0, 1.0, size=(sum(DATA_SIZES), L)), DATA_SIZES)
+    seq = stream(torch.ops.hutchtrace.welford_update_, xs + [xs[3]], L)
+    merged = stream(torch.ops.hutchtrace.welford_update_, xs, L)
+    other = fresh(L)
+    torch.ops.hutchtrace.welford_update_(*other, xs[3])
+    torch.ops.hutchtrace.welford_merge_(*merged, *other)
+    assert int(seq[0]) == int(merged[0])
+    assert not torch.equal(seq[1], merged[1]) and not torch.equal(seq[2], merged[2])
+    torch.testing.assert_close(merged[1], seq[1], rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(merged[2], seq[2], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.needs_ext
 def test_cpu_merge_with_empty_sides():
     L = 3
     a = fresh(L)
@@ -148,27 +165,78 @@ def test_cpu_rejects_bad_state():
 
 
 # ---------------------------------------------------------------------------- CUDA
+# `cuda_kernels`: a real GPU, or the same .cu sources run by the cudasim emulator under
+# several schedules (tests/cuda_backends.py). The device code uses the _rn intrinsics
+# (never fused), so every comparison with the CPU kernel is bit for bit, like with like.
+def _no_host_sync(K):
+    """Real GPU: any host synchronisation inside raises. Emulated: nothing to check."""
+    if K.emulated:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def guard():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return guard()
+
+
 @pytest.mark.needs_ext
-@pytest.mark.needs_cuda
-def test_cuda_matches_cpu_kernel_without_syncs():
-    needs_compiled_cuda()
+def test_cuda_matches_cpu_kernel_without_syncs(cuda_kernels):
+    """Seven updates, then a Chan merge of an eighth chunk, on the device and on the CPU
+    kernel: the same operations in the same order, hence the same bits."""
+    K = cuda_kernels
+    H = torch.ops.hutchtrace
     rng = np.random.default_rng(4)
     L = 1000
     data = rng.normal(2.0, 1.0, size=(sum(DATA_SIZES), L))
     xs = chunks_of(data, DATA_SIZES)
-    cpu = stream(torch.ops.hutchtrace.welford_update_, xs, L)
-    gpu = fresh(L, "cuda")
-    xs_gpu = [x.cuda() for x in xs]
-    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
-    try:
-        for x in xs_gpu:
-            torch.ops.hutchtrace.welford_update_(*gpu, x)
-        other = fresh(L, "cuda")
-        torch.ops.hutchtrace.welford_update_(*other, xs_gpu[3])
-        torch.ops.hutchtrace.welford_merge_(*gpu, *other)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.ops.hutchtrace.welford_update_(*cpu, xs[3])
-    assert int(gpu[0]) == int(cpu[0])
-    for g, c in zip(gpu[1:], cpu[1:]):  # _rn intrinsics on the device: no FMA, same bits
+    xs_dev = [x.to(K.device) for x in xs]
+    dev, other = fresh(L, K.device), fresh(L, K.device)
+    with _no_host_sync(K):
+        for x in xs_dev:
+            K.ops.welford_update_(*dev, x)
+        K.ops.welford_update_(*other, xs_dev[3])
+        K.ops.welford_merge_(*dev, *other)
+    cpu, other_cpu = stream(H.welford_update_, xs, L), fresh(L)
+    H.welford_update_(*other_cpu, xs[3])
+    H.welford_merge_(*cpu, *other_cpu)
+    assert int(dev[0]) == int(cpu[0]) == sum(DATA_SIZES) + DATA_SIZES[3]
+    for g, c in zip(dev[1:], cpu[1:]):
         assert torch.equal(g.cpu(), c)
+
+
+@pytest.mark.needs_ext
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64], ids=str)
+def test_cuda_update_and_merge_equal_cpu_kernel(cuda_kernels, x_dtype):
+    """Sequential updates (1-D and 2-D x, float32 and float64) and merges of uneven and
+    empty chunks, over L = 5000 statistics (with one emulated SM, 2048 threads: the
+    grid-stride loop takes three rounds): bit for bit equal to the CPU kernel."""
+    K = cuda_kernels
+    H = torch.ops.hutchtrace
+    rng = np.random.default_rng(6)
+    L = 5000
+    data = rng.normal(1e3, 1.0, size=(57, L))
+    bounds = [0, 1, 1, 5, 6, 33, 57]
+    total_d, total_c = fresh(L, K.device), fresh(L)
+    seq_d, seq_c = fresh(L, K.device), fresh(L)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        part_d, part_c = fresh(L, K.device), fresh(L)
+        if b > a:
+            x = torch.from_numpy(data[a:b]).to(x_dtype)
+            x = x[0] if b - a == 1 else x
+            K.ops.welford_update_(*part_d, x.to(K.device))
+            H.welford_update_(*part_c, x)
+            K.ops.welford_update_(*seq_d, x.to(K.device))
+            H.welford_update_(*seq_c, x)
+        K.ops.welford_merge_(*total_d, *part_d)
+        H.welford_merge_(*total_c, *part_c)
+    for dev, cpu in [(total_d, total_c), (seq_d, seq_c)]:
+        assert int(dev[0]) == int(cpu[0]) == 57
+        assert torch.equal(dev[1].cpu(), cpu[1]) and torch.equal(dev[2].cpu(), cpu[2])
+    empty = fresh(L, K.device)
+    K.ops.welford_merge_(*empty, *fresh(L, K.device))  # empty <- empty: no 0/0
+    assert int(empty[0]) == 0 and bool((empty[1] == 0).all()) and bool((empty[2] == 0).all())

@@ -1,25 +1,29 @@
 """``torch.library.opcheck`` on every compiled op (schema, fake kernel, autograd
-registration, AOT dispatch), on CPU and on CUDA when present, plus a compile smoke test."""
+registration, AOT dispatch), on CPU, on CUDA when present and on the emulated CUDA kernels
+(tests/cuda_backends.py), plus a compile smoke test."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from cuda_backends import Kernels, cuda_params, get_kernels
 from hutchtrace import _ext, ops
 
 pytestmark = pytest.mark.needs_ext
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+OPS = ["rademacher_", "gaussian_", "block_dot", "block_dot_regen", "welford_update_", "welford_merge_"]
 
 
-def _device(device):
-    if device == "cuda" and not _ext.cuda_compiled():
-        pytest.skip("extension built without CUDA kernels")
-    return torch.device(device)
+@pytest.fixture(params=[pytest.param("cpu", id="cpu")] + cuda_params())
+def kernels(request) -> Kernels:
+    """The compiled CPU kernels, or any of the CUDA ones (real or emulated)."""
+    if request.param == "cpu":
+        return Kernels("cpu", torch.device("cpu"), torch.ops.hutchtrace)
+    return get_kernels(request.param)
 
 
-def _samples(device):
+def _samples(device, hut):
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape, dtype=torch.float32):
@@ -35,7 +39,6 @@ def _samples(device):
         rnd(L, dtype=torch.float64),
         rnd(L, dtype=torch.float64).abs(),
     )
-    hut = torch.ops.hutchtrace
     return [
         ("rademacher_1d", hut.rademacher_.default, (rnd(37), 5, 2**32 + 1, 3)),
         ("rademacher_2d", hut.rademacher_.default, (rnd(2, 9, dtype=torch.bfloat16), 2**40, 0, 2**33)),
@@ -59,44 +62,39 @@ def _samples(device):
     ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_every_op(device):
-    dev = _device(device)
+def test_opcheck_every_op(kernels):
     names = set()
-    for name, op, args in _samples(dev):
+    for name, op, args in _samples(kernels.device, kernels.ops):
         torch.library.opcheck(op, args)
         names.add(op._schema.name)
-    declared = {
-        f"hutchtrace::{n}"
-        for n in [
-            "rademacher_",
-            "gaussian_",
-            "block_dot",
-            "block_dot_regen",
-            "welford_update_",
-            "welford_merge_",
-        ]
-    }
-    assert declared <= names
+    assert {f"{kernels.ops.name}::{n}" for n in OPS} <= names
 
 
-def test_cuda_compiled_op_reports_build():
-    assert isinstance(torch.ops.hutchtrace._cuda_compiled(), bool)
-    assert _ext.cuda_compiled() == torch.ops.hutchtrace._cuda_compiled()
+def test_cuda_compiled_matches_the_build_and_the_dispatcher():
+    """``_cuda_compiled()`` tells the truth: it agrees with the build record written by
+    setup.py and with the dispatcher's table of registered CUDA kernels."""
+    compiled = torch.ops.hutchtrace._cuda_compiled()
+    assert isinstance(compiled, bool)
+    assert _ext.cuda_compiled() is compiled
+    build = _ext.build_info()
+    if build is not None:
+        assert build["cuda_compiled"] is compiled
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hutchtrace::{op}", "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hutchtrace::{op}", "CUDA") is compiled
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_traces_the_ops(device):
+def test_torch_compile_traces_the_ops(kernels):
     """fullgraph compile through the fake kernels (aot_eager: no C++ codegen needed)."""
-    dev = _device(device)
+    dev, hut = kernels.device, kernels.ops
     w = [torch.randn(2, 6, device=dev), torch.randn(2, 3, device=dev)]
 
     def step(w, count, mean, m2):
         z = torch.empty(2, 9, device=dev)
-        torch.ops.hutchtrace.rademacher_(z, 3, 0, 0)
-        d, s = torch.ops.hutchtrace.block_dot(w, [z[:, :6], z[:, 6:]], [0, 1], 2, True, None)
-        d2, _ = torch.ops.hutchtrace.block_dot_regen(w, [0, 6], [0, 1], 2, 3, 0, 0, True, None)
-        torch.ops.hutchtrace.welford_update_(count, mean, m2, d)
+        hut.rademacher_(z, 3, 0, 0)
+        d, s = hut.block_dot(w, [z[:, :6], z[:, 6:]], [0, 1], 2, True, None)
+        d2, _ = hut.block_dot_regen(w, [0, 6], [0, 1], 2, 3, 0, 0, True, None)
+        hut.welford_update_(count, mean, m2, d)
         return d, d2, s
 
     def state():
@@ -115,4 +113,5 @@ def test_torch_compile_traces_the_ops(device):
     for a, b in zip(compiled_state, eager_state):
         assert torch.equal(a, b)
     torch.testing.assert_close(want[0], want[1])  # regen == explicit probe path
-    assert ops.backend_name(dev) == f"compiled-{dev.type}"
+    if not kernels.emulated:
+        assert ops.backend_name(dev) == f"compiled-{dev.type}"

@@ -174,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor> block_dot_regen_cpu(at::TensorList w, at::Int
   check_regen_args(seed, probe, kind);
   const BlockPlan plan = make_block_plan(w, std::nullopt, offsets, block_index, num_blocks, batched, acc_dtype,
                                          kChunk, "block_dot_regen");
+  check_regen_rows(probe, plan.rows);
   TORCH_CHECK_VALUE(w[0].device().is_cpu(), "block_dot_regen: expected CPU tensors");
   const RegenArgs regen{static_cast<uint64_t>(seed), static_cast<uint64_t>(probe), static_cast<int>(kind)};
   return run(plan, &regen, w[0].device());

@@ -1,11 +1,21 @@
 // Fused per-block dot products on CUDA.
 //
-// Pass 1 (one launch for up to kLargeCap tensors): CUDA block (chunk c, row r) reduces
-// elements [c*kChunk, (c+1)*kChunk) of its tensor into one (dot, sq) partial and records
-// the chunk's block id. The tensor table travels by value in the kernel parameters, so
-// there is no host-to-device copy and the launch is CUDA-graph capturable.
+// Pass 1 (one launch for up to kLargeCap tensors and up to 65535 probe rows): CUDA block
+// (chunk c, row r) reduces elements [c*kChunk, (c+1)*kChunk) of its tensor into one
+// (dot, sq) partial and records the chunk's block id. The tensor table travels by value in
+// the kernel parameters, so there is no host-to-device copy and the launch is CUDA-graph
+// capturable. Rows sit on gridDim.y; more rows than the device's grid.y limit take one
+// launch per slice of rows.
 // Pass 2: one warp per (row, block) binary-searches its chunk range (chunks are sorted by
-// block) and sums the partials in chunk order. No atomics: results are deterministic.
+// block) and sums the partials in chunk order. No atomics: results are deterministic, the
+// same bits on every run and whatever the schedule or grid size.
+//
+// Rounding: not the CPU kernel's bits. The chunks differ (16384 elements here, 32768 on
+// the CPU) and nvcc contracts `dot += a * b` into fused multiply-adds (we keep its default
+// --fmad=true: one rounding instead of two is more accurate, and nothing here promises
+// bit equality of sums across devices). Both kernels stay within the rounding bound the
+// tests check. The probes regenerated here are bit-identical to the CPU kernel's, since
+// probe_math.h uses only the _rn intrinsics, which nvcc never contracts.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
@@ -106,11 +116,11 @@ __device__ __forceinline__ void acc_chunk(const DotEntry& e, int64_t r, int64_t 
 
 template <typename acc_t, int kMode, int kCap>
 __global__ void __launch_bounds__(kThreads)
-    block_dot_partial_kernel(const DotTable<kCap> tab, int64_t chunk_base, int64_t num_chunks, uint64_t seed,
-                             uint64_t probe, acc_t* __restrict__ pdot, acc_t* __restrict__ psq,
+    block_dot_partial_kernel(const DotTable<kCap> tab, int64_t chunk_base, int64_t row_base, int64_t num_chunks,
+                             uint64_t seed, uint64_t probe, acc_t* __restrict__ pdot, acc_t* __restrict__ psq,
                              int32_t* __restrict__ chunk_block) {
   const int64_t c = chunk_base + blockIdx.x;
-  const int64_t r = blockIdx.y;
+  const int64_t r = row_base + blockIdx.y;
   // The entry holding chunk c: the last one with chunk_begin <= c (uniform per block).
   int lo = 0, hi = tab.count - 1;
   while (lo < hi) {
@@ -194,6 +204,7 @@ template <typename acc_t, int kCap>
 void launch_partials(const BlockPlan& plan, int mode, uint64_t seed, uint64_t probe, acc_t* pdot, acc_t* psq,
                      int32_t* chunk_block, cudaStream_t stream) {
   const size_t T = plan.entries.size();
+  const int64_t max_rows = cuda::max_grid_y();
   for (size_t g0 = 0; g0 < T; g0 += kCap) {
     const size_t g1 = std::min(T, g0 + kCap);
     DotTable<kCap> tab{};
@@ -202,43 +213,41 @@ void launch_partials(const BlockPlan& plan, int mode, uint64_t seed, uint64_t pr
     const int64_t c0 = plan.entries[g0].chunk_begin;
     const int64_t c1 = g1 < T ? plan.entries[g1].chunk_begin : plan.num_chunks;
     TORCH_CHECK_VALUE(c1 - c0 <= std::numeric_limits<int32_t>::max(), "block_dot: too many elements for one launch");
-    const dim3 grid(static_cast<unsigned>(c1 - c0), static_cast<unsigned>(plan.rows));
-    switch (mode) {
-      case kExplicit:
-        block_dot_partial_kernel<acc_t, kExplicit, kCap>
-            <<<grid, kThreads, 0, stream>>>(tab, c0, plan.num_chunks, seed, probe, pdot, psq, chunk_block);
-        break;
-      case kRegenRademacher:
-        block_dot_partial_kernel<acc_t, kRegenRademacher, kCap>
-            <<<grid, kThreads, 0, stream>>>(tab, c0, plan.num_chunks, seed, probe, pdot, psq, chunk_block);
-        break;
-      default:
-        block_dot_partial_kernel<acc_t, kRegenGaussian, kCap>
-            <<<grid, kThreads, 0, stream>>>(tab, c0, plan.num_chunks, seed, probe, pdot, psq, chunk_block);
-        break;
+    for (int64_t r0 = 0; r0 < plan.rows; r0 += max_rows) {
+      const dim3 grid(static_cast<unsigned>(c1 - c0), static_cast<unsigned>(std::min(max_rows, plan.rows - r0)));
+      switch (mode) {
+        case kExplicit:
+          block_dot_partial_kernel<acc_t, kExplicit, kCap>
+              <<<grid, kThreads, 0, stream>>>(tab, c0, r0, plan.num_chunks, seed, probe, pdot, psq, chunk_block);
+          break;
+        case kRegenRademacher:
+          block_dot_partial_kernel<acc_t, kRegenRademacher, kCap>
+              <<<grid, kThreads, 0, stream>>>(tab, c0, r0, plan.num_chunks, seed, probe, pdot, psq, chunk_block);
+          break;
+        default:
+          block_dot_partial_kernel<acc_t, kRegenGaussian, kCap>
+              <<<grid, kThreads, 0, stream>>>(tab, c0, r0, plan.num_chunks, seed, probe, pdot, psq, chunk_block);
+          break;
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename acc_t>
 void run_plan(const BlockPlan& plan, int mode, uint64_t seed, uint64_t probe, at::Tensor& dots, at::Tensor& sqs) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t C = plan.num_chunks;
+  const int64_t C = plan.num_chunks;  // > 0 (run() handles the all-empty case)
   const auto opts = dots.options();
   // Temporaries come from the caching allocator (a graph's private pool under capture).
-  at::Tensor partial = at::empty({2, plan.rows, std::max<int64_t>(C, 1)}, opts);
-  at::Tensor chunk_block = at::empty({std::max<int64_t>(C, 1)}, opts.dtype(at::kInt));
+  at::Tensor partial = at::empty({2, plan.rows, C}, opts);
+  at::Tensor chunk_block = at::empty({C}, opts.dtype(at::kInt));
   acc_t* pdot = partial.data_ptr<acc_t>();
-  acc_t* psq = pdot + plan.rows * std::max<int64_t>(C, 1);
-  if (C > 0) {
-    if (plan.entries.size() <= static_cast<size_t>(kSmallCap)) {
-      launch_partials<acc_t, kSmallCap>(plan, mode, seed, probe, pdot, psq, chunk_block.data_ptr<int32_t>(),
-                                        stream);
-    } else {
-      launch_partials<acc_t, kLargeCap>(plan, mode, seed, probe, pdot, psq, chunk_block.data_ptr<int32_t>(),
-                                        stream);
-    }
+  acc_t* psq = pdot + plan.rows * C;
+  if (plan.entries.size() <= static_cast<size_t>(kSmallCap)) {
+    launch_partials<acc_t, kSmallCap>(plan, mode, seed, probe, pdot, psq, chunk_block.data_ptr<int32_t>(), stream);
+  } else {
+    launch_partials<acc_t, kLargeCap>(plan, mode, seed, probe, pdot, psq, chunk_block.data_ptr<int32_t>(), stream);
   }
   const int64_t outputs = plan.rows * plan.num_blocks;
   const int64_t blocks = cuda::grid_for(outputs * cuda::kWarp, kThreads);
@@ -251,12 +260,16 @@ void run_plan(const BlockPlan& plan, int mode, uint64_t seed, uint64_t probe, at
 std::tuple<at::Tensor, at::Tensor> run(const BlockPlan& plan, int mode, uint64_t seed, uint64_t probe,
                                        const at::Device& device, const char* name) {
   TORCH_CHECK_VALUE(device.is_cuda(), name, ": expected CUDA tensors");
-  TORCH_CHECK_VALUE(plan.rows <= 65535, name, ": at most 65535 probe rows per call, got ", plan.rows);
   const c10::cuda::CUDAGuard guard(device);
   const auto opts = at::TensorOptions().dtype(plan.acc).device(device);
   at::Tensor dots = at::empty(plan.out_shape, opts);
   at::Tensor sqs = at::empty(plan.out_shape, opts);
   if (plan.rows == 0 || plan.num_blocks == 0) return {dots, sqs};
+  if (plan.num_chunks == 0) {  // every tensor is empty: all sums are 0, nothing to launch
+    dots.zero_();
+    sqs.zero_();
+    return {dots, sqs};
+  }
   if (plan.acc == at::kDouble) {
     run_plan<double>(plan, mode, seed, probe, dots, sqs);
   } else {
@@ -280,6 +293,7 @@ std::tuple<at::Tensor, at::Tensor> block_dot_regen_cuda(at::TensorList w, at::In
   check_regen_args(seed, probe, kind);
   const BlockPlan plan = make_block_plan(w, std::nullopt, offsets, block_index, num_blocks, batched, acc_dtype,
                                          kChunk, "block_dot_regen");
+  check_regen_rows(probe, plan.rows);
   const int mode = kind == kGaussian ? kRegenGaussian : kRegenRademacher;
   return run(plan, mode, static_cast<uint64_t>(seed), static_cast<uint64_t>(probe), w[0].device(),
              "block_dot_regen");

@@ -22,6 +22,9 @@ __device__ __forceinline__ T warp_sum(T v) {
 
 // Sum of (a, b) over a block of kThreads threads; thread 0 gets the result.
 // Fixed shape (shuffle tree, then warp 0 over the warp sums), hence deterministic.
+// Every thread of the block must call it (it has barriers). It may be called several
+// times in one kernel: the closing barrier keeps a later call from overwriting the warp
+// sums before warp 0 has read them.
 template <int kThreads, typename T>
 __device__ __forceinline__ void block_sum2(T& a, T& b) {
   static_assert(kThreads % kWarp == 0 && kThreads / kWarp <= kWarp, "bad block size");
@@ -42,6 +45,7 @@ __device__ __forceinline__ void block_sum2(T& a, T& b) {
     a = warp_sum(a);
     b = warp_sum(b);
   }
+  __syncthreads();
 }
 
 // Blocks for a grid-stride loop over `work` items: enough to fill the device, no more.
@@ -52,6 +56,15 @@ inline int multiprocessor_count() {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   return count > 0 ? count : 1;
+}
+
+// The device's grid.y limit (65535 on every GPU so far; asked, not assumed, so that the
+// emulator of the tests can lower it and exercise the launch splitting at small sizes).
+inline int64_t max_grid_y() {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxGridDimY, device));
+  return limit > 0 ? limit : 65535;
 }
 
 inline int64_t grid_for(int64_t work, int threads, int blocks_per_sm = 8) {

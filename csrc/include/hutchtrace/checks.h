@@ -54,6 +54,13 @@ inline void check_regen_args(int64_t seed, int64_t probe, int64_t kind) {
               "(gaussian), got ", kind);
 }
 
+// Probe rows of block_dot_regen: row r is probe index probe + r, kept in int64 with the
+// same bound as the probe ops (probe + B <= 2**63 - 1).
+inline void check_regen_rows(int64_t probe, int64_t rows) {
+  TORCH_CHECK_VALUE(rows == 0 || probe <= std::numeric_limits<int64_t>::max() - rows, "block_dot_regen: probe + B = ",
+                    probe, " + ", rows, " overflows int64; use probe indices below 2**63 - 1 - B");
+}
+
 inline ProbeShape check_probe_args(const at::Tensor& out, int64_t seed, int64_t probe, int64_t offset,
                                    const char* name) {
   TORCH_CHECK_VALUE(out.dim() == 1 || out.dim() == 2, name, ": out must be 1-D (n) or 2-D (B, n), got shape ",
@@ -165,6 +172,10 @@ inline BlockPlan make_block_plan(at::TensorList w, const std::optional<at::Tenso
       TORCH_CHECK_VALUE(offsets[j] >= 0, name, ": offsets[", j, "] must be non-negative, got ", offsets[j]);
       e.dtype = dtype_code(wj.scalar_type());
       e.w = row_layout(wj, batched, plan.rows, &e.n, &e.w_stride, plan.keep);
+      // Element i of tensor j is global element offsets[j] + i, an int64 like every probe offset.
+      TORCH_CHECK_VALUE(e.n == 0 || offsets[j] <= std::numeric_limits<int64_t>::max() - e.n, name,
+                        ": offsets[", j, "] + n = ", offsets[j], " + ", e.n,
+                        " overflows int64; global element offsets must stay below 2**63 - 1 - n");
       e.offset = offsets[j];
       e.z = nullptr;
       e.z_stride = 0;
