@@ -136,6 +136,17 @@ def default_memory_budget(device: torch.device) -> int:
     return 2 << 30
 
 
+def _active_modes() -> tuple:
+    """Types of the active torch function / dispatch modes. A mode can change which ops run
+    (``hutchtrace.twice_differentiable`` swaps ops without a second derivative), so a backbone
+    that failed, or was timed, outside it says nothing about a call inside it."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return tuple(type(m).__qualname__ for m in (*_get_current_function_mode_stack(),
+                                                 *_get_current_dispatch_mode_stack()))
+
+
 def _model_key(model: nn.Module, layout: BlockLayout) -> tuple:
     """What ``auto``'s cache tells models apart by: the module tree with its settings (``repr``
     shows e.g. ``padding_idx``, dropout rates, BatchNorm flags), train/eval flags and the
@@ -684,7 +695,7 @@ class ProbeRunner:
         auto = self._auto
         if auto is None:
             key = _model_key(self.model, self.layout) + (batch.signature, _criterion_name(batch), self.kind,
-                                                         self.max_rows, self.curvature)
+                                                         self.max_rows, self.curvature, _active_modes())
             auto = self._auto = AutoHVP(key, self.candidates, batched_ok=self.max_rows > 1)
         trials = _AutoTrials(self, auto, batch, m, group_of_tensor, sinks, prog, _RowPool(rows))
         bb = trials.choose(len(rows))

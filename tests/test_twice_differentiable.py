@@ -164,6 +164,17 @@ def test_per_probe_samples_equal_the_exact_hessian_with_the_swap(hvp):
     assert_close_rel(res.samples, exact_samples(H, layout, Z), 1e-10)
 
 
+def test_auto_failure_outside_the_swap_does_not_stick_inside_it():
+    """``hvp="auto"`` caches per model which backbones failed; a call inside the swap runs
+    other ops, so the failures cached by the same model's call outside it must not apply."""
+    net, x, y = _gated()
+    with pytest.raises(HVPUnsupportedError):
+        hutchtrace.block_traces(net, _mse, K=2, data=(x, y), seed=0, hvp="auto", progress=False)
+    with hutchtrace.twice_differentiable():
+        res = hutchtrace.block_traces(net, _mse, K=2, data=(x, y), seed=0, hvp="auto", progress=False)
+    assert res.meta["K"] == 2 and all(b.finite for b in res.blocks)
+
+
 @pytest.mark.parametrize("hvp", ["auto", "reverse", "forward"])
 def test_error_without_the_swap_names_it(hvp):
     net, x, y = _gated()
