@@ -228,10 +228,12 @@ def test_dict_inputs_and_model_output_criterion_equal_a_closure():
     _require("bert")
     case = fm.build("bert")
     inputs, y = case.data
-    res_data = hutchtrace.block_traces(case.model, case.loss, K=4, seed=SEED, data=case.data, hvp=HVP_EXACT,
+    # One named backbone for both: under "auto" each call may time its way to a different
+    # (equally exact) backbone, and bit-equality only holds for the same arithmetic.
+    res_data = hutchtrace.block_traces(case.model, case.loss, K=4, seed=SEED, data=case.data, hvp="reverse",
                                        progress=False)
     res_closure = hutchtrace.block_traces(case.model, lambda m: case.loss(m(**inputs), y), K=4, seed=SEED,
-                                          hvp=HVP_EXACT, progress=False)
+                                          hvp="reverse", progress=False)
     assert res_data.names == res_closure.names
     assert torch.equal(res_data.samples, res_closure.samples)
     assert res_data.meta["loss_form"] != res_closure.meta["loss_form"]
