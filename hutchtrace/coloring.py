@@ -1,41 +1,80 @@
-"""Choosing the probing scheme: pilot statistics, block coloring and the ``auto`` rule.
+"""Choosing the probing scheme: a coupling model, block coloring and the ``auto`` rule.
 
-Under a plan with groups ``g``, block b's per-probe variance is (SPEC section 1)
+**What a plan costs.** Under a plan with groups ``g``, block b's per-probe variance is
+(SPEC section 1)
 
 .. math:: V_b(\\text{plan}) = V0_b + \\sum_{c \\in g(b), c \\ne b} F_{bc},\\qquad
           V0_b = 2F_{bb} + (\\mu_4 - 3) d_b,\\quad F_{bc} = \\lVert H_{bc}\\rVert_F^2,
 
-and a probe costs one HVP per group. To reach a standard error ``eps_b`` on every block
-needs ``K = max_b V_b / eps_b^2`` probes, i.e. ``G * max_b V_b / eps_b^2`` HVPs. The target
+and a probe costs one HVP row per group. To reach a standard error ``eps_b`` on every block
+needs ``K = max_b V_b / eps_b^2`` probes, i.e. ``G * max_b V_b / eps_b^2`` rows. The target
 is ``eps_b = rtol |tr H_bb|`` for non-negligible blocks and ``eps_b = atol`` otherwise
-(default ``atol = 0.01 * rtol * max_c |tr H_cc|``: blocks below 1 % of the largest trace are
-held to 1 % of its tolerance), so the time to trustworthy error bars is
+(default ``atol = 0.01 * rtol * max_c |tr H_cc|``), so the time to trustworthy error bars is
 
 .. math:: T(\\text{plan}) \\propto G \\cdot \\max_b w_b V_b(\\text{plan}),\\qquad w_b = 1/\\epsilon_b^2 .
 
-Heuristic (documented, not optimal): for a threshold ``lam`` on ``w_b V_b`` (i.e. on the
-number of probes), *first fit*: blocks, most demanding first (by ``w_b (V0_b + X_b)``), go
-into the first group where neither they nor any member would exceed ``lam`` (adding b
-raises every member m's variance by ``F_mb`` and b's by the group's coupling to it); a new
-group opens otherwise. The predicted time is ``G(lam) * max_b w_b V_b``; ``auto`` scans a
-geometric grid of ``lam`` between the isolated bottleneck ``max_b w_b V0_b`` and the global
-one, and keeps the cheapest partition. G = 1 is ``global`` and G = L ``isolated``. A fixed
-G (``probing="colored", groups=G``) takes the smallest ``lam`` whose first fit needs at most
+**Coloring** (heuristic, documented, not optimal): for a threshold ``lam`` on ``w_b V_b``,
+*first fit* puts blocks, most demanding first (by ``w_b (V0_b + X_b)``, ``X_b = sum_{c != b}
+F_bc``), into the first group where neither they nor any member would exceed ``lam`` (adding
+b raises every member m's variance by ``F_mb`` and b's by the group's coupling to it); a new
+group opens otherwise. ``auto`` scans a geometric grid of ``lam`` between the isolated
+bottleneck ``max_b w_b V0_b`` and the global one and keeps the partition with the least
+predicted ``T``. G = 1 is ``global`` and G = L ``isolated``. A fixed G
+(``probing="colored", groups=G``) takes the smallest ``lam`` whose first fit needs at most
 G groups (bisection).
 
-Couplings measured from a few probes are noisy, so the pilot's ``F`` enters as an upper
-confidence bound (mean + 2 SE), which makes ``global`` look worse than it is when L is
-large and the pilot short. With adaptive stopping ``auto`` therefore re-validates its
-choice after every round from *measured* quantities (``estimator._revalidate``): the plan's
-cost ``G max_b w_b V_b``, the isolated plan's ``L max_b w_b V0_b`` and the global plan's
-``max_b w_b (V_b + X_b)``, where ``X_b``, the mean of ``||(H z_g)_b||^2`` over the groups
-g other than b's own, is unbiased for exactly the couplings a global probe would add to
-b's variance (no per-pair estimate needed). It moves to the cheapest scheme not tried
-before when that costs less than the current plan.
+**The coupling model** (:class:`CouplingModel`). Every HVP row of every plan measures
+couplings: a row supported on group ``g`` gives, for EVERY block b,
 
-The ingredients come from a short *pilot* with block-supported probes (the isolated plan):
-row ``(k, c)`` gives ``w = H z_c``, so ``||w_b||^2`` is an unbiased sample of ``F_bc`` for
-every b (SPEC section 6a), the block-alone samples give ``tr H_bb`` and ``V0_b``.
+.. math:: \\mathbb E\\,\\lVert (H z_g)_b \\rVert^2 = S_{bg} = \\sum_{c \\in g} F_{bc}
+          \\quad(\\text{SPEC (Q2); } F_{bb} \\text{ included when } b \\in g),
+
+so a plan with G groups measures the ``L x G`` group sums of ``F`` at G rows per probe,
+whatever L (:class:`GroupEnergySink`; tested unbiased against the dense Hessian). The model
+keeps, per distinct partition, the mean of these energies and their standard errors, and
+fits ``F`` to them: the non-negative symmetric matrix whose group sums match the measured
+ones, found by multiplicative (iterative-proportional) updates from the flat prior
+``F_bc = rho_b / L`` (``rho_b`` the measured row energy), each partition weighted by its
+probe count. For choosing a plan each measured sum is first raised by ``z = 2`` standard
+errors (a coupling measured from a few probes is not trusted to be small); the pooling
+weights use ``z = 0``. With singleton groups (block-supported rows) ``S_bc = F_bc`` and the
+fit is the direct estimate of SPEC section 6a. Over random partitions a pair shares a group
+about once in G, which lets the fit tell pairs apart, and the group sums of the plan being
+run are measured directly. The fit is not an unbiased estimate of each ``F_bc`` (``L^2``
+unknowns, ``L`` numbers per row); its group sums are.
+
+``V0`` and ``F_bb`` come from the pairwise U-statistics of each block's own-group rows,
+which are unbiased for ``F_bb`` and ``d_b`` under ANY plan (SPEC section 1):
+``V0 = 2 F_bb + (mu4 - 3) d_b``, pooled over segments by pair count; ``F_bb`` is held fixed
+in the fit, which then splits an own-group sum into ``F_bb`` and couplings correctly.
+Without pairwise statistics (``variance="sample"``, sequential mode, adaptive dataset
+mode): ``(V_b - W_b)_+`` per segment, ``W_b`` the within-group coupling under the fit,
+pooled with weights ``K_s / V_s^2``.
+
+**The pilot** (:func:`pilot_plans`). With ``L <= PILOT_GROUPS`` (16) blocks it is
+block-supported (isolated, ``L * pilot_K`` rows). With more blocks it is ``pilot_K`` probes
+over random balanced partitions into 16 groups, a new partition every two probes:
+``16 * pilot_K`` rows (128 by default), independent of L. Its samples are unbiased and
+are kept.
+
+**Re-planning** (:mod:`hutchtrace.estimator`). A short pilot cannot resolve the traces of
+small, strongly coupled blocks (under a random partition their variance is about
+``X_b / G``), and the weights ``w_b`` need those traces. So with adaptive stopping the
+choice is revisited after every round from everything measured so far: the pooled traces
+and their standard errors (a block is planned for with the lower bound
+``(|tr_b| - SE_b)_+``, so an unresolved trace counts as small and its block is protected),
+``V0``, and the fit, which has just absorbed the current plan's own group sums. A new
+partition replaces the current one when predicted to cost less than ``0.8`` times it
+under the same model (at most 8 changes per call). Segments are pooled with weights from
+the model's predicted variances (:mod:`hutchtrace.accumulate`), so an early, poor plan
+does not dilute a better later one.
+
+Example:
+    >>> import torch
+    >>> F = torch.tensor([[1., 4., 0.], [4., 1., 0.], [0., 0., 1.]], dtype=torch.float64)
+    >>> v0, w = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    >>> color_blocks(F, v0, w, 2)     # the strongly coupled pair is split
+    [[0, 2], [1]]
 """
 
 from __future__ import annotations
@@ -43,6 +82,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .engine import RowBatch, Sink
@@ -50,100 +90,310 @@ from .probing import ProbePlan, global_plan, isolated_plan
 
 __all__ = [
     "PilotStats",
-    "CouplingSink",
+    "CouplingModel",
+    "GroupEnergySink",
+    "PILOT_GROUPS",
+    "plan_of",
+    "pilot_plans",
     "color_blocks",
     "candidate_partitions",
+    "predicted_variance",
     "predicted_cost",
     "choose_plan",
     "AutoChoice",
 ]
 
+#: groups of the random-partition pilot (blocks up to this many get the isolated pilot)
+PILOT_GROUPS = 16
+#: probes per random partition of the pilot (two: a within-segment variance exists)
+PILOT_PROBES_PER_PARTITION = 2
+#: measured group sums enter the fit raised by this many standard errors
+COUPLING_Z = 2.0
+#: plan with the lower confidence bound of each trace (see :func:`_weights`)
+PLAN_WITH_LOWER_BOUND = True
+
 
 @dataclass
 class PilotStats:
-    """Pilot estimates: ``F`` (L x L, symmetrised ``||H_bc||_F^2``), ``v0`` (L,), ``trace`` (L,),
-    ``probes`` used and the measured seconds per HVP row."""
+    """What a plan is chosen from: ``F`` (L x L couplings, zero diagonal), ``v0`` (L,),
+    ``trace`` (L,) and ``se`` (L,) its standard errors (None: ``sqrt(v0 / probes)``),
+    the pilot's ``probes`` and cost."""
 
     F: torch.Tensor
     v0: torch.Tensor
     trace: torch.Tensor
     probes: int
-    seconds_per_row: float
-    hvps: int
+    seconds_per_row: float = 0.0
+    hvps: int = 0
     rows: int = 0
+    se: torch.Tensor | None = None
 
 
-class CouplingSink(Sink):
-    """Collects ``F_bc`` samples from block-supported rows: row group c is the single block c,
-    so ``w = H z_c`` and ``||w_b||^2`` is an unbiased sample of ``||H_bc||_F^2`` for every b.
+def pilot_plans(L: int, pilot_K: int, seed: int) -> list[tuple[ProbePlan, int]]:
+    """The pilot's ``(plan, probes)`` segments: isolated for ``L <= PILOT_GROUPS``, else
+    ``pilot_K // 2`` random balanced partitions into ``PILOT_GROUPS`` groups (a pure function
+    of ``seed``; the global RNG is not touched)."""
+    if L <= PILOT_GROUPS:
+        return [(isolated_plan(L), pilot_K)]
+    R = max(1, pilot_K // PILOT_PROBES_PER_PARTITION)
+    sizes = [pilot_K // R + (1 if r < pilot_K % R else 0) for r in range(R)]
+    out = []
+    for r, k in enumerate(sizes):
+        perm = np.random.default_rng([seed, r, 0x9E3779B9]).permutation(L)
+        groups = tuple(tuple(sorted(int(b) for b in perm[g::PILOT_GROUPS])) for g in range(PILOT_GROUPS))
+        out.append((ProbePlan("random", groups), k))
+    return out
 
-    In dataset mode the per-batch products' norms overestimate ``F_bc`` by the between-batch
-    spread, which only makes the coloring more cautious.
+
+class GroupEnergySink(Sink):
+    """Per group g and block b: the sum over probes of ``||(H z_g)_b||^2`` (and of its square).
+
+    One batch: exact sums. Several batches: ``sum_m (weight_m / N) ||(H_m z_g)_b||^2``, the
+    count-weighted mean of per-batch energies, which by Jensen's inequality is at least the
+    energy of the dataset-mean product (mean-reduced criteria; sum-reduced ones overstate it
+    further): the couplings come out too large, which only makes the coloring cautious.
     """
 
-    def __init__(self, L: int):
+    def __init__(self, plan: ProbePlan, L: int):
+        self.plan = plan
+        self.G = plan.num_groups
         self.L = L
-        self._F = None
-        self._F2 = None
-        self.F = torch.zeros(L, L, dtype=torch.float64)
-        self.F2 = torch.zeros(L, L, dtype=torch.float64)
+        self._sum = None
+        self._sq = None
+        self._rows = [0] * self.G
+        self.batches = 0
 
     def on_rows(self, rb: RowBatch) -> None:
-        if self._F is None:
-            self._F = torch.zeros(self.L, self.L, dtype=torch.float64, device=rb.sq.device)
-            self._F2 = torch.zeros_like(self._F)
-        for r, c in enumerate(rb.gs):
-            x = rb.sq[r].detach() * rb.weight**2
-            self._F[:, c] += x
-            self._F2[:, c] += x * x
+        if self._sum is None:
+            self._sum = torch.zeros(self.G, self.L, dtype=torch.float64, device=rb.sq.device)
+            self._sq = torch.zeros_like(self._sum)
+        sq = rb.sq.detach()
+        if all(g == rb.gs[0] for g in rb.gs):  # the engine's chunks hold rows of one group
+            g = rb.gs[0]
+            self._sum[g].add_(sq.sum(0), alpha=rb.weight)
+            self._sq[g].add_((sq * sq).sum(0))
+        else:
+            gs = torch.as_tensor(rb.gs, device=sq.device)
+            self._sum.index_add_(0, gs, sq, alpha=rb.weight)
+            self._sq.index_add_(0, gs, sq * sq)
+        if self.batches == 0:
+            for g in rb.gs:
+                self._rows[g] += 1
+
+    def on_batch_end(self, batch_index: int, weight: float) -> None:
+        self.batches += 1
 
     def finish(self, total_count: float) -> None:
-        if self._F is not None:
-            self.F = self._F.cpu() / total_count**2
-            self.F2 = self._F2.cpu() / total_count**4
+        if self._sum is not None:
+            self._sum = self._sum.cpu() / total_count
+            self._sq = self._sq.cpu()
 
-    def estimate(self, probes: int, z: float = 0.0) -> torch.Tensor:
-        """Symmetrised mean ``F_hat`` over ``probes`` block-supported probes, plus ``z``
-        standard errors (an upper confidence bound when ``z > 0``: a coupling measured from
-        a few probes is not trusted to be small)."""
-        n = max(1, probes)
-        mean = self.F / n
-        if z and n > 1:
-            var = (self.F2 / n - mean**2).clamp_min(0) * n / (n - 1)
-            mean = mean + z * torch.sqrt(var / n)
-        return 0.5 * (mean + mean.T)
+    @property
+    def probes(self) -> int:
+        return min(self._rows) if self._rows else 0
+
+    def sums(self):
+        """``(sum, sum of squares or None, probes)``; the squares only for one batch."""
+        if self._sum is None:
+            return None
+        return self._sum, (self._sq if self.batches == 1 else None), self.probes
 
 
-def _weights(trace: torch.Tensor, rtol: float | None, atol: float | None, se: torch.Tensor | None = None) -> torch.Tensor:
-    """``w_b = 1/eps_b^2`` with ``eps_b = max(rtol (|tr_b| + se_b), atol_eff)``.
+class CouplingModel:
+    """Group energies of every plan run so far, the fit of ``F`` to them and pooled ``V0``
+    (module docs)."""
 
-    Adding the trace's standard error keeps a block whose trace is not yet resolved from
-    dominating a decision through a noisy, tiny ``|tr_b|``.
+    def __init__(self, L: int, kind: str = "rademacher", z: float = COUPLING_Z):
+        from .variance import MU4
+
+        self.L = L
+        self.z = z
+        self.mu = MU4[kind] - 3.0
+        self._parts: dict[tuple, dict] = {}
+        self._fits: dict[float, torch.Tensor] = {}
+        self._v0 = torch.full((L,), math.nan, dtype=torch.float64)
+        self._diag: np.ndarray | None = None  # F_bb from the pairwise U-statistics
+
+    # ------------------------------------------------------------------ data
+    def observe(self, sink: GroupEnergySink) -> None:
+        """Add one round's group energies."""
+        got = sink.sums()
+        if got is None or got[2] == 0:
+            return
+        s, sq, n = got
+        key = sink.plan.groups
+        p = self._parts.get(key)
+        if p is None:
+            gob = torch.tensor(sink.plan.group_of_block(self.L), dtype=torch.int64)
+            p = self._parts[key] = {"gob": gob, "G": sink.G, "sum": torch.zeros_like(s),
+                                    "sq": torch.zeros_like(s), "n": 0, "sq_ok": True}
+        p["sum"] += s
+        if sq is None:
+            p["sq_ok"] = False
+        else:
+            p["sq"] += sq
+        p["n"] += n
+        self._fits = {}
+
+    @property
+    def measured_probes(self) -> int:
+        return sum(p["n"] for p in self._parts.values())
+
+    # ------------------------------------------------------------------ estimates
+    def v0(self) -> torch.Tensor:
+        """``V0`` as last set by :meth:`update_v0` (NaN before)."""
+        return self._v0
+
+    def update_v0(self, segments) -> torch.Tensor:
+        """``V0_b`` and ``F_bb`` from the segments run so far (each with ``plan``, ``K``,
+        ``variances()`` and ``pair``).
+
+        With pairwise sinks: the U-statistics of the rows of b's own group are unbiased for
+        ``F_bb`` and ``d_b`` under any plan (SPEC section 1), so ``V0 = 2 F_bb + (mu4 - 3) d_b``,
+        pooled by pair count; ``F_bb`` is also held fixed in the fit, which then splits an
+        own-group sum into ``F_bb`` and the couplings correctly. Without them:
+        ``(V_b - W_b)_+``, ``W_b`` the within-group coupling under the fit WITHOUT the
+        confidence margin, pooled with weights ``K_s / V_s^2`` (the inverse spread of a
+        variance estimate), so an isolated segment (``W = 0``) outweighs a plan whose
+        within-group coupling buries ``V0``.
+        """
+        pieces = [s.pair.block_energies() for s in segments
+                  if s.K > 0 and s.pair is not None and s.pair.available]
+        if pieces:
+            pairs = sum(p[2] for p in pieces)
+            Fbb = sum(p[0] * p[2] for p in pieces) / pairs
+            dbb = sum(p[1] * p[2] for p in pieces) / pairs
+            diag = Fbb.clamp_min(0).numpy()
+            if self._diag is None or not np.array_equal(diag, self._diag):
+                self._diag = diag
+                self._fits = {}
+            self._v0 = (2 * Fbb + self.mu * dbb).clamp_min(0)
+            return self._v0
+        num = torch.zeros(self.L, dtype=torch.float64)
+        den = torch.zeros(self.L, dtype=torch.float64)
+        for seg in segments:
+            V = seg.variances()[0][:-1].double().cpu()
+            groups = seg.plan.groups
+            if seg.K < 2 or not torch.isfinite(V).all():
+                continue
+            W = (self.within(groups, z=0.0) if len(groups) < self.L
+                 else torch.zeros(self.L, dtype=torch.float64))
+            wt = seg.K / V.clamp_min(1e-300) ** 2
+            num += wt * (V - W).clamp_min(0)
+            den += wt
+        if bool((den > 0).all()):
+            self._v0 = num / den
+        return self._v0
+
+    def couplings(self, z: float | None = None, iterations: int = 40) -> torch.Tensor:
+        """The fitted ``F`` (L x L, symmetric, zero diagonal), measured group sums raised by
+        ``z`` standard errors (default: the model's ``z``)."""
+        z = self.z if z is None else z
+        if z not in self._fits:
+            self._fits[z] = torch.from_numpy(self._fit_numpy(z, iterations))
+        return self._fits[z]
+
+    def _targets(self, z: float):
+        out = []
+        for p in self._parts.values():
+            n = p["n"]
+            y = (p["sum"] / n).numpy()
+            if z and n > 1 and p["sq_ok"]:
+                var = np.clip((p["sq"] / n).numpy() - y**2, 0, None) * n / (n - 1)
+                y = y + z * np.sqrt(var / n)
+            out.append((p["gob"].numpy(), p["G"], y, n))
+        return out
+
+    def _fit_numpy(self, z: float, iterations: int) -> np.ndarray:
+        L = self.L
+        targets = self._targets(z)
+        if not targets:
+            return np.zeros((L, L))
+        total = sum(n for *_, n in targets)
+        rho = sum(y.sum(0) * n for _, _, y, n in targets) / total
+        tiny = 1e-300 + 1e-15 * max(float(rho.max()), 0.0)
+        if self._diag is not None:  # F_bb known: fit the couplings to the group sums less F_bb
+            targets = [(gob, G, _minus_diagonal(y, gob, self._diag), n) for gob, G, y, n in targets]
+            rho = np.maximum(rho - self._diag, 0)
+        F = np.repeat(np.maximum(rho, tiny)[:, None] / L, L, axis=1)
+        if self._diag is not None:
+            np.fill_diagonal(F, 0.0)
+        onehots = [np.eye(G)[gob] for gob, G, _, _ in targets]  # (L, G)
+        single = len(targets) == 1 and targets[0][1] == L  # block-supported only: one step is exact
+        for _ in range(1 if single else iterations):
+            log_step = np.zeros((L, L))
+            for (gob, G, y, n), M in zip(targets, onehots):
+                S = F @ M  # S[b, g] = sum_{c in g} F[b, c]
+                ratio = np.maximum(y.T, tiny) / np.maximum(S, tiny)
+                log_step += (n / total) * np.log(ratio)[:, gob]
+            if self._diag is not None:
+                np.fill_diagonal(log_step, 0.0)
+            F = F * np.exp(np.clip(log_step, -50.0, 50.0))
+            F = 0.5 * (F + F.T)
+            if float(np.abs(log_step).max()) < 1e-6:  # converged: every group sum matched
+                break
+        np.fill_diagonal(F, 0.0)
+        return F
+
+    def within(self, groups, z: float | None = None) -> torch.Tensor:
+        """``W_b = sum_{c in g(b), c != b} F_bc`` under the fit, for a partition."""
+        F = self.couplings(z)
+        gob = _group_index(groups, self.L)
+        same = gob[:, None] == gob[None, :]
+        return (F * same).sum(1)
+
+    def predicted_variance(self, groups) -> torch.Tensor:
+        """``V0_b + W_b`` for a partition, from the fit without the confidence margin (the
+        pooling weights of :func:`hutchtrace.accumulate.combine`)."""
+        return torch.nan_to_num(self.v0(), nan=0.0) + self.within(groups, z=0.0)
+
+
+def _minus_diagonal(y: np.ndarray, gob: np.ndarray, diag: np.ndarray) -> np.ndarray:
+    """Group sums ``y[g, b]`` less ``F_bb`` in b's own group."""
+    y = y.copy()
+    y[gob, np.arange(len(gob))] = np.maximum(y[gob, np.arange(len(gob))] - diag, 0)
+    return y
+
+
+def _group_index(groups, L: int) -> torch.Tensor:
+    gob = torch.full((L,), -1, dtype=torch.int64)
+    for g, members in enumerate(groups):
+        gob[list(members)] = g
+    return gob
+
+
+def _weights(trace: torch.Tensor, rtol: float | None, atol: float | None, se: torch.Tensor | None = None,
+             lower: bool = False) -> torch.Tensor:
+    """``w_b = 1/eps_b^2`` with ``eps_b = max(rtol m_b, atol_eff)``.
+
+    ``m_b = |tr_b| + se_b`` by default; ``lower=True`` takes the lower confidence bound
+    ``(|tr_b| - se_b)_+``, for planning: a block whose trace is not yet resolved is treated
+    as if it were small (held to ``atol``), so the plan protects it instead of ignoring it.
     """
-    mag = trace.abs() if se is None else trace.abs() + torch.nan_to_num(se, nan=0.0)
-    big = float(mag.max()) if trace.numel() else 0.0
+    se = torch.zeros_like(trace) if se is None else torch.nan_to_num(se, nan=0.0)
+    mag = (trace.abs() - se).clamp_min(0) if lower else trace.abs() + se
+    big = float(trace.abs().max()) if trace.numel() else 0.0
     r = rtol if rtol is not None else 0.0
     a = atol if atol is not None else (0.01 * r * big if r > 0 else 0.0)
     eps = torch.maximum(r * mag, torch.full_like(trace, a))
     if float(eps.max()) <= 0:
         # no target: equal relative precision on every non-negligible block
-        eps = torch.maximum(mag, torch.full_like(trace, 0.01 * max(big, 1e-300)))
+        eps = torch.maximum(trace.abs(), torch.full_like(trace, 0.01 * max(big, 1e-300)))
     return 1.0 / eps.clamp_min(1e-300) ** 2
 
 
 def pilot_se(pilot: PilotStats) -> torch.Tensor:
-    """Standard errors of the pilot's block traces (block-alone samples)."""
+    """Standard errors of the pilot's block traces."""
+    if pilot.se is not None:
+        return pilot.se
     return torch.sqrt(torch.nan_to_num(pilot.v0, nan=0.0).clamp_min(0) / max(1, pilot.probes))
 
 
 def predicted_variance(F: torch.Tensor, v0: torch.Tensor, groups) -> torch.Tensor:
     """``V_b = V0_b + sum_{c in g(b), c != b} F_bc`` for a partition ``groups``."""
     L = F.shape[0]
-    gob = [0] * L
-    for g, members in enumerate(groups):
-        for b in members:
-            gob[b] = g
-    same = torch.tensor([[gob[b] == gob[c] and b != c for c in range(L)] for b in range(L)])
+    gob = _group_index(groups, L)
+    same = (gob[:, None] == gob[None, :]) & ~torch.eye(L, dtype=torch.bool)
     return v0 + (F * same).sum(1)
 
 
@@ -153,40 +403,53 @@ def predicted_cost(F, v0, groups, weights) -> float:
     return len(groups) * float((weights * V.clamp_min(0)).max())
 
 
-def _first_fit(F: torch.Tensor, v0: torch.Tensor, w: torch.Tensor, lam: float, order) -> list[list[int]] | None:
-    """First-fit partition with every ``w_b V_b <= lam``; None when a block cannot fit even alone."""
-    groups: list[list[int]] = []
-    loads: list[torch.Tensor] = []  # loads[g][m] = sum_{c in g} F_mc
+def _first_fit(F: np.ndarray, v0: np.ndarray, w: np.ndarray, lam: float, order) -> list[list[int]] | None:
+    """First-fit partition with every ``w_b V_b <= lam``; None when a block cannot fit even alone.
+
+    Vectorised over groups: ``loads[g, m] = sum_{c in g} F_mc`` and, per group, the largest
+    member value of ``w_m V_m`` after b would join (``w_m (v0_m + loads[g(m), m] + F_mb)``).
+    """
+    L = F.shape[0]
+    gob = np.full(L, -1)
+    loads = np.zeros((0, L))
+    wv0 = w * v0
+    members = np.zeros(0, dtype=np.int64)
     for b in order:
-        if float(w[b] * v0[b]) > lam:
+        if wv0[b] > lam:
             return None
-        placed = False
-        for g, members in enumerate(groups):
-            if float(w[b] * (v0[b] + loads[g][b])) > lam:
-                continue
-            idx = torch.tensor(members)
-            if float((w[idx] * (v0[idx] + loads[g][idx] + F[idx, b])).max()) > lam:
-                continue
-            members.append(b)
-            loads[g] = loads[g] + F[:, b]
-            placed = True
-            break
-        if not placed:
-            groups.append([b])
-            loads.append(F[:, b].clone())
-    return [sorted(g) for g in groups]
+        G = loads.shape[0]
+        target = G
+        if G:
+            own_ok = w[b] * (v0[b] + loads[:, b]) <= lam
+            if members.size:
+                after = wv0[members] + w[members] * (loads[gob[members], members] + F[members, b])
+                worst = np.full(G, -np.inf)
+                np.maximum.at(worst, gob[members], after)
+                own_ok &= worst <= lam
+            hit = np.flatnonzero(own_ok)
+            if hit.size:
+                target = int(hit[0])
+        if target == G:
+            loads = np.vstack([loads, F[:, b][None, :]])
+        else:
+            loads[target] += F[:, b]
+        gob[b] = target
+        members = np.append(members, b)
+    groups = [sorted(np.flatnonzero(gob == g).tolist()) for g in range(loads.shape[0])]
+    return groups
 
 
 def _prepare(F, v0, weights):
-    Fz = F.clone().double()
-    Fz.fill_diagonal_(0)
-    Fz = Fz.clamp_min(0)  # unbiased estimates can dip below 0; a coupling is never negative
-    v0 = v0.double().clamp_min(0)
-    demand = weights * (v0 + Fz.sum(1))
-    order = sorted(range(F.shape[0]), key=lambda b: -float(demand[b]))
-    lo = float((weights * v0).max())
+    Fz = F.detach().double().cpu().numpy().copy()
+    np.fill_diagonal(Fz, 0)
+    Fz = np.clip(Fz, 0, None)  # unbiased estimates can dip below 0; a coupling is never negative
+    v0 = np.clip(torch.nan_to_num(v0.double(), nan=0.0).cpu().numpy(), 0, None)
+    w = weights.double().cpu().numpy()
+    demand = w * (v0 + Fz.sum(1))
+    order = [int(b) for b in np.argsort(-demand, kind="stable")]
+    lo = float((w * v0).max())
     hi = float(demand.max())
-    return Fz, v0, order, lo, max(hi, lo)
+    return Fz, v0, w, order, lo, max(hi, lo)
 
 
 def color_blocks(F: torch.Tensor, v0: torch.Tensor, weights: torch.Tensor, G: int) -> list[list[int]]:
@@ -196,12 +459,12 @@ def color_blocks(F: torch.Tensor, v0: torch.Tensor, weights: torch.Tensor, G: in
         return [[b] for b in range(L)]
     if G <= 1:
         return [list(range(L))]
-    Fz, v0, order, lo, hi = _prepare(F, v0, weights)
+    Fz, v0n, w, order, lo, hi = _prepare(F, v0, weights)
     best = [list(range(L))]
     a, b = lo, hi
     for _ in range(60):
         mid = math.sqrt(a * b) if a > 0 else (a + b) / 2
-        parts = _first_fit(Fz, v0, weights, mid, order)
+        parts = _first_fit(Fz, v0n, w, mid, order)
         if parts is not None and len(parts) <= G:
             best, b = parts, mid
         else:
@@ -214,7 +477,7 @@ def color_blocks(F: torch.Tensor, v0: torch.Tensor, weights: torch.Tensor, G: in
 def candidate_partitions(F: torch.Tensor, v0: torch.Tensor, weights: torch.Tensor, points: int = 48):
     """Partitions along a geometric grid of thresholds, plus global and isolated."""
     L = F.shape[0]
-    Fz, v0, order, lo, hi = _prepare(F, v0, weights)
+    Fz, v0n, w, order, lo, hi = _prepare(F, v0, weights)
     seen = set()
     out = []
     for parts in ([list(range(L))], [[b] for b in range(L)]):
@@ -225,7 +488,7 @@ def candidate_partitions(F: torch.Tensor, v0: torch.Tensor, weights: torch.Tenso
         start = max(lo, hi * 1e-12)
         for i in range(points + 1):
             lam = start * (hi / start) ** (i / points) if start > 0 else hi * i / points
-            parts = _first_fit(Fz, v0, weights, lam * (1 + 1e-12), order)
+            parts = _first_fit(Fz, v0n, w, lam * (1 + 1e-12), order)
             if parts is None:
                 continue
             key = tuple(tuple(p) for p in sorted(parts))
@@ -246,15 +509,31 @@ class AutoChoice:
     pilot: PilotStats
 
 
+def plan_of(groups, L: int) -> ProbePlan:
+    """``global`` / ``isolated`` / ``colored`` plan for a partition."""
+    if len(groups) == 1:
+        return global_plan(L)
+    if len(groups) == L:
+        return isolated_plan(L)
+    return ProbePlan("colored", tuple(tuple(g) for g in groups))
+
+
 def choose_plan(pilot: PilotStats, rtol: float | None = None, atol: float | None = None,
-                max_groups: int | None = None) -> AutoChoice:
-    """The partition with the least predicted time ``G * max_b w_b V_b`` (global ... isolated)."""
+                max_groups: int | None = None, colored_only: bool = False, lower: bool = False) -> AutoChoice:
+    """The partition with the least predicted time ``G * max_b w_b V_b`` (global ... isolated).
+
+    ``colored_only`` keeps ``1 < G < L``; ``lower`` plans with the lower confidence bound of
+    each trace (:func:`_weights`).
+    """
     L = pilot.F.shape[0]
-    w = _weights(pilot.trace, rtol, atol, pilot_se(pilot))
+    w = _weights(pilot.trace, rtol, atol, pilot_se(pilot), lower=lower)
     v0 = torch.nan_to_num(pilot.v0, nan=0.0)
     costs = {}
     best = None
-    for groups in candidate_partitions(pilot.F, v0, w):
+    cands = candidate_partitions(pilot.F, v0, w)
+    if colored_only:
+        cands = [p for p in cands if 1 < len(p) < L] or [color_blocks(pilot.F, v0, w, min(2, L))]
+    for groups in cands:
         if max_groups is not None and len(groups) > max_groups:
             continue
         c = predicted_cost(pilot.F, v0, groups, w)
@@ -263,10 +542,4 @@ def choose_plan(pilot: PilotStats, rtol: float | None = None, atol: float | None
             best = (c, groups)
     assert best is not None
     c, groups = best
-    if len(groups) == 1:
-        plan = global_plan(L)
-    elif len(groups) == L:
-        plan = isolated_plan(L)
-    else:
-        plan = ProbePlan("colored", tuple(tuple(g) for g in groups))
-    return AutoChoice(plan=plan, cost=c, costs=costs, pilot=pilot)
+    return AutoChoice(plan=plan_of(groups, L), cost=c, costs=costs, pilot=pilot)

@@ -65,22 +65,24 @@ def _fixed_plan(probing, L: int) -> ProbePlan | None:
 
 def _choose(probing, groups, pilot, rtol, atol, L) -> tuple[ProbePlan, dict]:
     """Colored / auto plan from pilot statistics (see :mod:`hutchtrace.coloring`)."""
-    from .coloring import _weights, candidate_partitions, choose_plan, color_blocks, pilot_se, predicted_cost
+    from .coloring import PLAN_WITH_LOWER_BOUND, _weights, choose_plan, color_blocks, pilot_se, \
+        predicted_cost
 
+    lower = PLAN_WITH_LOWER_BOUND
     if probing == "auto":
-        choice = choose_plan(pilot, rtol, atol)
+        choice = choose_plan(pilot, rtol, atol, lower=lower)
         return choice.plan, choice.costs
-    w = _weights(pilot.trace, rtol, atol, pilot_se(pilot))
-    v0 = torch.nan_to_num(pilot.v0, nan=0.0)
     if groups is not None:
         if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= L:
             raise ValueError(f"groups must be an int in [1, {L}], got {groups!r}")
+        w = _weights(pilot.trace, rtol, atol, pilot_se(pilot), lower=lower)
+        v0 = torch.nan_to_num(pilot.v0, nan=0.0)
         parts = color_blocks(pilot.F, v0, w, groups)
-    else:
-        cands = [p for p in candidate_partitions(pilot.F, v0, w) if 1 < len(p) < L]
-        cands = cands or [color_blocks(pilot.F, v0, w, min(2, L))]
-        parts = min(cands, key=lambda p: predicted_cost(pilot.F, v0, p, w))
-    return ProbePlan("colored", tuple(tuple(g) for g in parts)), {len(parts): predicted_cost(pilot.F, v0, parts, w)}
+        cost = predicted_cost(pilot.F, v0, parts, w)
+        return ProbePlan("colored", tuple(tuple(g) for g in parts)), {len(parts): cost}
+    choice = choose_plan(pilot, rtol, atol, colored_only=True, lower=lower)
+    plan = choice.plan if choice.plan.name == "colored" else ProbePlan("colored", choice.plan.groups)
+    return plan, {plan.num_groups: choice.cost}
 
 
 #: ``auto`` leaves its plan for one predicted to cost less than this times its own. 1: the
@@ -97,7 +99,8 @@ def _revalidate(seg, comb, pilot, rtol, atol, L, tried, energy_ok=True):
     all from measured quantities rather than the pilot's coupling bounds:
 
     * the current plan: ``G`` times its measured per-probe variances;
-    * ``isolated``: ``L`` times the pilot's isolated variances ``v0`` (measured);
+    * ``isolated``: ``L`` times ``V0`` (``pilot.v0``: the coupling model's pooled estimate,
+      unbiased U-statistics of the own-group rows, :mod:`hutchtrace.coloring`);
     * ``global``: ``V_plan,b + X_b``, with ``X_b`` the current plan's cross energy
       (:meth:`~hutchtrace.accumulate.Segment.cross_energy`, unbiased for the couplings a
       global probe adds). Only when row energies are valid (one batch, one process: every
@@ -106,9 +109,10 @@ def _revalidate(seg, comb, pilot, rtol, atol, L, tried, energy_ok=True):
     The cheapest candidate not tried before replaces the plan when it costs less than
     :data:`SWITCH_MARGIN` times the current one.
     """
-    from .coloring import _weights
+    from .coloring import PLAN_WITH_LOWER_BOUND, _weights
 
-    w = _weights(comb["mean"][:-1], rtol, atol, torch.sqrt(comb["var_mean"][:-1].clamp_min(0)))
+    w = _weights(comb["mean"][:-1], rtol, atol, torch.sqrt(comb["var_mean"][:-1].clamp_min(0)),
+                 lower=PLAN_WITH_LOWER_BOUND)
     v_plan = seg.variances()[0][:-1].clamp_min(0)
     cost_plan = seg.plan.num_groups * float((w * v_plan).max())
     measured = {"measured_plan": cost_plan}
@@ -124,6 +128,55 @@ def _revalidate(seg, comb, pilot, rtol, atol, L, tried, energy_ok=True):
     if not open_:
         return None, measured
     return min(open_.values(), key=lambda pc: pc[1])[0], measured
+
+
+#: a re-colored plan (predicted, not yet measured, by the coupling model) replaces the
+#: current one only when predicted to cost less than this times the current plan's cost
+#: under the same model: the model's optimum is biased low (it is the minimum over noisy
+#: candidates), and every change of plan starts a new segment
+RECOLOR_MARGIN = 0.8
+#: changes of plan per call, at most (re-coloring and revalidation together)
+MAX_SWITCHES = 8
+
+
+def _pilot_stats(model, segments, K) -> "PilotStats":
+    """The coupling model's view after the segments so far: fit, ``V0``, pooled traces."""
+    from .coloring import PilotStats
+
+    v0 = model.update_v0(segments)
+    comb = combine(segments, _predictions(model, segments))
+    return PilotStats(F=model.couplings(), v0=torch.nan_to_num(v0, nan=0.0), trace=comb["mean"][:-1].clone(),
+                      probes=K, se=torch.sqrt(comb["var_mean"][:-1].clamp_min(0)))
+
+
+def _v0_view(model, segments):
+    """A stand-in pilot for :func:`_revalidate` with the model's latest pooled ``V0``."""
+    from types import SimpleNamespace
+
+    v0 = model.update_v0(segments)
+    return SimpleNamespace(v0=torch.nan_to_num(v0, nan=0.0))
+
+
+def _predictions(model, segments):
+    """Predicted per-probe variances of each segment's plan (the pooling weights), or None
+    without a model (every sample then counts once)."""
+    if model is None or not bool(torch.isfinite(model.v0()).all()):
+        return None
+    return [model.predicted_variance(s.plan.groups) for s in segments]
+
+
+def _recolor(model, segments, seg, probing, groups, rtol, atol, L):
+    """``(plan, predicted cost, the current plan's predicted cost)`` under the coupling model
+    after a round (:mod:`hutchtrace.coloring`), or None when the best plan is the current one."""
+    from .coloring import PLAN_WITH_LOWER_BOUND, _weights, pilot_se, predicted_cost
+
+    stats = _pilot_stats(model, segments, sum(s.K for s in segments))
+    plan, _ = _choose(probing, groups, stats, rtol, atol, L)
+    if plan.groups == seg.plan.groups:
+        return None
+    w = _weights(stats.trace, rtol, atol, pilot_se(stats), lower=PLAN_WITH_LOWER_BOUND)
+    return (plan, predicted_cost(stats.F, stats.v0, plan.groups, w),
+            predicted_cost(stats.F, stats.v0, seg.plan.groups, w))
 
 
 def block_traces(
@@ -174,10 +227,13 @@ def block_traces(
         probing: ``"global"`` (one HVP per probe for all blocks; the seed paper's method),
             ``"isolated"`` (one HVP per block per probe; no cross-block variance),
             ``"colored"`` (G groups of weakly coupled blocks), ``"auto"`` (a pilot of
-            ``pilot_K`` block-supported probes picks the scheme with the least predicted time
-            to the target, :mod:`hutchtrace.coloring`; with adaptive stopping the choice is
-            revisited once with the pooled trace estimates), or a ``ProbePlan``. Pilot samples
-            are unbiased and are kept: the estimate pools every segment (:mod:`hutchtrace.accumulate`).
+            ``pilot_K`` probes, block-supported for up to 16 blocks and over random
+            partitions into 16 groups beyond, so at most ``16 * pilot_K`` rows whatever the
+            number of blocks, feeds a coupling model that picks the scheme with the least
+            predicted time to the target, :mod:`hutchtrace.coloring`; with adaptive stopping
+            the choice is revisited after every round from everything measured so far), or a
+            ``ProbePlan``. Pilot samples are unbiased and are kept: the estimate pools every
+            segment, weighted by the model's predicted variances (:mod:`hutchtrace.accumulate`).
         groups: number of groups for ``probing="colored"`` (default: the best by the pilot).
         variance: ``"pairwise"`` (the unbiased pairwise U-statistic, lower spread than the
             sample variance; keeps the products and probes of a round of up to 16 probes),
@@ -190,7 +246,8 @@ def block_traces(
         level: confidence level of the intervals.
         curvature: ``"hessian"`` (default) or ``"ggn"`` (the generalised Gauss-Newton
             matrix ``G = J^T Lambda J``; needs a criterion form of ``loss``).
-        pilot_K: probes of the pilot for ``"colored"`` / ``"auto"``.
+        pilot_K: probes of the pilot for ``"colored"`` / ``"auto"`` (``min(L, 16) * pilot_K``
+            HVP rows, ``meta["pilot_rows"]``).
         probe_batch: probes per batched HVP (default: from ``max_memory``).
         max_memory: byte budget for batched probes and pairwise rounds.
         progress: show a progress display (``None``: only for runs longer than a few seconds).
@@ -287,44 +344,67 @@ def block_traces(
         segments: list[Segment] = []
         pilot = None
         costs = None
-        if plan is None:  # colored / auto: a block-supported pilot segment first
-            from .coloring import CouplingSink, PilotStats
+        model = None
+        if plan is None:  # colored / auto: pilot segments first (coloring.pilot_plans)
+            from .coloring import CouplingModel, GroupEnergySink, pilot_plans
 
-            pseg = new_segment(isolated_plan(L), 0, pilot_K)
-            fs = CouplingSink(L)
-            run_round(pseg, pilot_K, [fs])
-            segments.append(pseg)
-            used, _, _ = pseg.variances()
+            model = CouplingModel(L, probe)
+            for p_plan, k in pilot_plans(L, pilot_K, seed):
+                pseg = new_segment(p_plan, sum(s.K for s in segments), k)
+                sink = GroupEnergySink(p_plan, L)
+                run_round(pseg, k, [sink])
+                model.observe(sink)
+                segments.append(pseg)
             info = run_state["info"]
-            pilot = PilotStats(F=fs.estimate(pilot_K, z=2.0), v0=used[:-1].clone(),
-                               trace=pseg.state.mean.cpu()[:-1].clone(),
-                               probes=pilot_K, seconds_per_row=info.seconds / max(1, info.rows * info.n_batches),
-                               hvps=run_state["hvps"], rows=run_state["rows"])
+            pilot = _pilot_stats(model, segments, pilot_K)
+            pilot.seconds_per_row = info.seconds / max(1, info.rows * info.n_batches)
+            pilot.hvps, pilot.rows = run_state["hvps"], run_state["rows"]
             plan, costs = _choose(probing, groups, pilot, rtol, atol, L)
             if group is not None:  # couplings are rank-local estimates: rank 0 decides for all
                 plan = distributed.broadcast_plan(plan, group)
+        # re-coloring and model-weighted pooling need the same model on every rank: one process only
+        replan = model is not None and group is None and adaptive
         seg = segments[-1] if (segments and segments[-1].plan == plan) else new_segment(
             plan, sum(s.K for s in segments), K)
         if seg is not (segments[-1] if segments else None):
             segments.append(seg)
         round_K = K
-        tried = {seg.plan.name}  # auto switches to each scheme at most once: no oscillation
+        tried = {seg.plan.name}  # auto switches to global / isolated at most once: no oscillation
+        switches = 0
         converged = None
         while True:
-            run_round(seg, round_K)
+            sink = GroupEnergySink(seg.plan, L) if model is not None else None
+            run_round(seg, round_K, [sink] if sink is not None else ())
+            if sink is not None:
+                model.observe(sink)
             if not adaptive:
                 break
-            comb = combine(segments)
+            comb = combine(segments, _predictions(model, segments) if group is None else None)
             converged, need = target_met(comb, rtol, atol, stop_on)
             done = comb["K"]
             if converged or done >= max_K:
                 break
-            if probing == "auto" and pilot is not None:
-                better, measured = _revalidate(seg, comb, pilot, rtol, atol, L, tried,
-                                               energy_ok=group is None)
-                costs = {**(costs or {}), **measured}  # the pilot's predictions, then the latest measurements
+            if pilot is not None and probing in ("auto", "colored") and switches < MAX_SWITCHES:
+                better, ratio = None, 1.0
+                if probing == "auto":
+                    cand, measured = _revalidate(seg, comb, _v0_view(model, segments), rtol, atol, L, tried,
+                                                 energy_ok=group is None)
+                    # the pilot's predictions, then the latest measurements
+                    costs = {**(costs or {}), **measured}
+                    if cand is not None:
+                        better = cand
+                        ratio = measured[f"measured_{cand.name}"] / max(measured["measured_plan"], 1e-300)
+                if replan:
+                    rec = _recolor(model, segments, seg, probing, groups, rtol, atol, L)
+                    if rec is not None and rec[1] < RECOLOR_MARGIN * rec[2] and rec[1] / rec[2] < ratio:
+                        better = rec[0]
+                        costs = {**(costs or {}), "predicted_recolored": rec[1], "predicted_plan": rec[2]}
+                if group is not None:  # V0 comes from rank-local couplings: rank 0 decides for all
+                    chosen = distributed.broadcast_plan(better or seg.plan, group)
+                    better = None if chosen == seg.plan else chosen
                 if better is not None:
                     tried.add(better.name)
+                    switches += 1
                     seg = new_segment(better, done, K)  # fresh probe indices
                     segments.append(seg)
             grow = max(8, int(math.ceil(1.1 * need)) - done) if math.isfinite(need) else done
@@ -334,7 +414,8 @@ def block_traces(
     last = segments[-1]
     if len(segments) == 1 and last.pair is not None and not single and last.pair.available and group is None:
         energy_override = last.pair.row_energy()
-    blocks_est, total, samples = build_estimates(layout, segments, level, energy_override)
+    blocks_est, total, samples = build_estimates(
+        layout, segments, level, energy_override, _predictions(model, segments) if group is None else None)
     if adaptive and not converged:
         warnings.warn(
             f"adaptive stopping did not reach rtol={rtol}, atol={atol} within max_K={max_K} probes; "
@@ -384,6 +465,7 @@ def block_traces(
         "hvps": run_state["hvps"],
         "hvp_rows": run_state["rows"],
         "pilot_rows": pilot.rows if pilot is not None else 0,
+        "plan_switches": switches if pilot is not None else 0,
         "loss_form": spec.kind,
         "device": str(device),
         "dtype": str(layout.tensors[0].dtype),
@@ -393,7 +475,9 @@ def block_traces(
         meta.update({"rtol": rtol, "atol": atol, "max_K": max_K, "converged": converged, "stop_on": stop_on})
     extras = {}
     if pilot is not None:
-        extras["pilot"] = {"F": pilot.F, "v0": pilot.v0, "trace": pilot.trace, "probes": pilot.probes}
+        extras["pilot"] = {"F": pilot.F, "v0": pilot.v0, "trace": pilot.trace, "probes": pilot.probes,
+                           "scheme": segments[0].plan.name,
+                           "partitions": sum(s.plan.name == "random" for s in segments)}
         extras["predicted_costs"] = costs
     return BlockTraces(blocks=blocks_est, total=total, samples=samples.cpu(), level=level, meta=meta,
                        extras=extras)

@@ -212,6 +212,8 @@ class PairwiseSink(Sink):
         self._rounds: dict[int, dict] = {}
         self._sum_block = torch.zeros(L, dtype=torch.float64, device=dev)
         self._sum_group = torch.zeros(self.G, dtype=torch.float64, device=dev)
+        self._sum_frob = torch.zeros(L, dtype=torch.float64, device=dev)
+        self._sum_diag = torch.zeros(L, dtype=torch.float64, device=dev)
         self._energy = torch.zeros(L, dtype=torch.float64, device=dev)
         self._energy_n = 0
         self._pairs = 0.0
@@ -322,12 +324,14 @@ class PairwiseSink(Sink):
             diag = torch.diagonal(M, dim1=1, dim2=2)
             frob2 = ((M * M.transpose(1, 2)).sum((1, 2)) - (diag**2).sum(1)) / pairs
             diag2 = (S - Q) / pairs
-            return E / R + frob2 + mu * diag2
+            return E / R + frob2 + mu * diag2, frob2, diag2
 
         E_group = torch.zeros(self.G, dtype=torch.float64, device=E_block.device).index_add_(
             0, self._group_of_block, E_block)
-        vb = reduce(self._block_of_tensor, L, E_block)
-        vg = reduce(self._group_index, self.G, E_group)
+        vb, fb, db = reduce(self._block_of_tensor, L, E_block)
+        vg, _, _ = reduce(self._group_index, self.G, E_group)
+        self._sum_frob += fb * pairs
+        self._sum_diag += db * pairs
         self._sum_block += vb * pairs
         self._sum_group += vg * pairs
         self._energy += E_block
@@ -389,6 +393,15 @@ class PairwiseSink(Sink):
         if not self.available:
             return torch.full_like(self._sum_block, math.nan)
         return self._sum_block / self._pairs
+
+    def block_energies(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(F_hat, d_hat, pairs)``: the pooled unbiased estimates of ``||H_bb||_F^2`` and
+        ``sum_i H_ii^2`` per block (``(L,)`` each, on the CPU) and their pair count, or None
+        before two probes. They give the block-alone variance ``V0 = 2 F + (mu4 - 3) d`` under
+        any plan (used by :mod:`hutchtrace.coloring`)."""
+        if not self.available:
+            return None
+        return (self._sum_frob / self._pairs).cpu(), (self._sum_diag / self._pairs).cpu(), self._pairs
 
     def total_variance(self) -> float:
         """Pairwise estimate of the variance of the per-probe total ``sum_b t_b``."""

@@ -24,6 +24,8 @@ __all__ = [
     "RecurrentNet",
     "SharedFrozenNet",
     "ResNetSmall",
+    "DeepResNet",
+    "HessianQuadratic",
     "make_mlp",
     "make_cnn",
     "make_lm",
@@ -31,6 +33,8 @@ __all__ = [
     "make_shared_frozen",
     "make_dropout_mlp",
     "make_resnet",
+    "make_deep_resnet",
+    "make_deep_lm",
 ]
 
 
@@ -176,6 +180,50 @@ class ResNetSmall(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class DeepResNet(nn.Module):
+    """A deep, narrow residual CNN: ``depth`` identity-shortcut basic blocks at one width.
+
+    Six tensors per basic block (two bias-free convs, two BatchNorms), plus a stem conv-BN
+    and a linear head: ``6 * depth + 5`` blocks at ``blocks="param"`` (101 for ``depth=16``)
+    with only a few thousand parameters, so its exact Hessian is affordable. The probing
+    study at many blocks (``bench/probing_scale.py``) uses it.
+    """
+
+    def __init__(self, in_ch=3, classes=4, width=4, depth=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.stages = nn.Sequential(*[_BasicBlock(width, width, 1) for _ in range(depth)])
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class HessianQuadratic(nn.Module):
+    """``loss(theta) = theta^T H theta / 2`` with ``theta`` split into one parameter per block:
+    a model whose Hessian is exactly ``H`` (symmetric ``P x P``), block ``b`` of size
+    ``sizes[b]``. An HVP is one matrix product, so a statistical study of a real model can
+    run on its dense Hessian (``exact_hessian``) at the cost of ``P^2`` per probe row, with
+    the same probes and therefore the same samples (``bench/probing_scale.py``).
+
+    Call it without inputs: ``hutchtrace.block_traces(q, lambda m: m(), ...)``.
+    """
+
+    def __init__(self, H: torch.Tensor, sizes):
+        super().__init__()
+        if H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != sum(sizes):
+            raise ValueError(f"H must be square with side sum(sizes) = {sum(sizes)}, got {tuple(H.shape)}")
+        self.register_buffer("H", H)
+        self.blocks = nn.ParameterList([nn.Parameter(torch.zeros(int(n), dtype=H.dtype, device=H.device))
+                                        for n in sizes])
+
+    def forward(self):
+        th = torch.cat(list(self.blocks)).unsqueeze(0)
+        return 0.5 * (th @ self.H @ th.T).squeeze()
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -274,3 +322,22 @@ def make_resnet(n=8, size=16, width=8, classes=10, seed=0, dtype=torch.float32):
     x = torch.randn(n, 3, size, size, generator=g).to(dtype)
     y = torch.randint(0, classes, (n,), generator=g)
     return model, nn.CrossEntropyLoss(), (x, y)
+
+
+def make_deep_resnet(n=8, size=6, width=4, depth=16, classes=4, seed=0, dtype=torch.float32):
+    """DeepResNet (101 blocks at the defaults, P = 5 000) in train mode on random 3xSxS images.
+
+    Like every zoo model, 1-d parameters start at 0.1 times a normal draw: BatchNorm scales
+    near 0 keep each residual branch small, so the deep stack stays well conditioned.
+    """
+    model = _init(_build(DeepResNet, 3, classes, width, depth), seed, dtype).train()
+    g = _gen(seed + 1)
+    x = torch.randn(n, 3, size, size, generator=g).to(dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return model, nn.CrossEntropyLoss(), (x, y)
+
+
+def make_deep_lm(n=4, vocab=12, d=8, ctx=6, layers=8, seed=0, dtype=torch.float32):
+    """TinyLM with ``layers`` transformer blocks: 12 tensors each plus 4 (tied embedding,
+    positions, final LayerNorm), so 100 blocks at ``layers=8`` (P = 4 960)."""
+    return make_lm(n=n, vocab=vocab, d=d, ctx=ctx, layers=layers, seed=seed, dtype=dtype)
