@@ -1,27 +1,17 @@
 """Accumulating per-probe samples into estimates, across rounds and probing plans.
 
 A *segment* is a run of probes under one :class:`~hutchtrace.probing.ProbePlan` (the
-``auto`` scheme has pilot segments, then the chosen plan's segment, and a new segment at
-every change of plan; adaptive stopping adds rounds to a segment). Every sample of every
-segment is unbiased for ``tr H_bb``, so any combination with fixed weights summing to 1,
+``auto`` / ``colored`` schemes have pilot segments, then the chosen plan's segment and a new
+segment at every change of plan; adaptive stopping adds rounds to a segment). Every sample of
+every segment is unbiased for ``tr H_bb``, so the pooled mean over the ``K = sum_s K_s``
+samples of the segments in the estimate (:func:`estimate_segments`) is unbiased, with
 
-.. math:: \\hat t_b = \\sum_s a_{s,b} \\bar t_{s,b}, \\qquad
-          \\operatorname{Var}(\\hat t_b) = \\sum_s a_{s,b}^2 V_{s,b} / K_s,
+.. math:: \\operatorname{Var}(\\bar t_b) = \\frac{1}{K^2} \\sum_s K_s V_{s,b},
 
-is unbiased, ``V_{s,b}`` the per-probe variance under segment s's plan (its pairwise
-U-statistic estimate when available and positive, else its sample variance). By default
-``a_{s,b} = K_s / K`` (every sample counts once). Segments of different plans can differ in
-variance by orders of magnitude, and then counting an early, poor plan's samples equally
-inflates the variance; :func:`combine` therefore takes *predicted* per-probe variances
-``Vp_{s,b}`` (from the coupling model, :mod:`hutchtrace.coloring`) and uses
-``a_{s,b} ∝ K_s / Vp_{s,b}``, the inverse-variance weights when the prediction is right.
-The weights never use a segment's own sample variance (a short segment with a small one by
-chance would otherwise claim a tiny error bar); the reported variance uses the measured
-``V_{s,b}``. The total is the sum of the block estimates; its variance is that of the
-per-probe weighted sums ``u_{s,k} = sum_b a_{s,b} t_{s,k,b}`` within each segment.
-Intervals use Student t with Welch-Satterthwaite degrees of freedom
-``(sum_s u_s)^2 / sum_s u_s^2/(K_s - 1)``, ``u_s = a_s^2 V_s / K_s`` (``K - 1`` for a single
-segment).
+``V_{s,b}`` the per-probe variance under segment s's plan (its pairwise U-statistic estimate
+when available and positive, else its sample variance). Intervals use Student t with
+Welch-Satterthwaite degrees of freedom ``(sum_s a_s)^2 / sum_s a_s^2/(K_s - 1)``,
+``a_s = K_s V_s / K^2`` (``K - 1`` for a single segment).
 """
 
 from __future__ import annotations
@@ -172,80 +162,44 @@ class Segment:
         return sample, sample, None
 
 
-def combine(segments: list[Segment], predicted: list[torch.Tensor] | None = None) -> dict:
-    """Pooled mean, variance of the mean and degrees of freedom over segments (module docs).
+def estimate_segments(segments: list[Segment]) -> list[Segment]:
+    """The segments whose samples make the estimate: all but a random-partition pilot.
 
-    ``predicted``: per segment, the predicted per-probe block variances ``(L,)`` that set the
-    weights; None (or one segment) counts every sample once.
+    Beyond 16 blocks the pilot probes random partitions of the blocks into 16 groups
+    (:func:`hutchtrace.coloring.pilot_plans`), whose samples carry the cross-block variance of
+    about ``L / 16`` blocks each: counted once each they can dominate the pooled variance, and
+    weighting them by a variance predicted or measured from the same handful of samples
+    under-reports the error (measured on a BERT: one pilot pair that agreed by chance took the
+    weight, |z| = 8.8 against an independent estimate). The later segments do not depend on
+    the pilot's samples except through the plan chosen, so leaving the pilot out keeps the
+    estimate unbiased and its error bar honest; its rows are counted in
+    ``meta["pilot_rows"]``. A block-supported pilot (16 blocks or fewer) is kept: its samples
+    are isolated-probing samples, the least variable per block.
     """
-    keep = [i for i, s in enumerate(segments) if s.K > 0]
-    segs = [segments[i] for i in keep]
+    kept = [s for s in segments if s.plan.name != "random"]
+    return kept or list(segments)
+
+
+def combine(segments: list[Segment]) -> dict:
+    """Pooled mean, variance of the mean and degrees of freedom over segments (module docs)."""
+    segs = [s for s in segments if s.K > 0]
     K = sum(s.K for s in segs)
+    mean = sum(s.state.mean.cpu() * s.K for s in segs) / K
     used = [s.variances() for s in segs]
-    Ks = [float(s.K) for s in segs]
-    if predicted is None or len(segs) == 1:
-        a = [torch.full_like(u[0], k / K) for u, k in zip(used, Ks)]
-        total_var = None
-    else:
-        a, total_var = _model_weights(segs, [predicted[i] for i in keep], Ks)
-    mean = sum(ai * s.state.mean.cpu() for ai, s in zip(a, segs))
-    parts = [ai**2 * u[0] / k for ai, u, k in zip(a, used, Ks)]
-    parts_sample = [ai**2 * u[1] / k for ai, u, k in zip(a, used, Ks)]
-    if total_var is not None:  # the total: sum of the block estimates, variance from u_{s,k}
-        mean[-1] = mean[:-1].sum()
-        for p, ps, tv in zip(parts, parts_sample, total_var):
-            p[-1] = ps[-1] = tv
-    var_mean = sum(parts)
-    var_mean_sample = sum(parts_sample)
+    var_mean = sum(u[0] * s.K for u, s in zip(used, segs)) / K**2
+    var_mean_sample = sum(u[1] * s.K for u, s in zip(used, segs)) / K**2
     pw = None
     if all(u[2] is not None for u in used):
-        pw = sum(ai**2 * u[2] / k for ai, u, k in zip(a, used, Ks)) * K
-        if total_var is not None:
-            pw[-1] = math.nan  # no pairwise estimate of the weighted total
+        pw = sum(u[2] * s.K for u, s in zip(used, segs)) / K**2 * K
     if len(segs) == 1:
         df = torch.full_like(mean, K - 1.0)
     else:
-        den = sum(p**2 / max(k - 1, 1) for p, k in zip(parts, Ks))
-        df = torch.where(den > 0, var_mean**2 / den.clamp_min(1e-300), torch.full_like(mean, K - 1.0))
+        a = [u[0] * s.K / K**2 for u, s in zip(used, segs)]
+        num = sum(a) ** 2
+        den = sum(ai**2 / max(s.K - 1, 1) for ai, s in zip(a, segs))
+        df = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(mean, K - 1.0))
     return {"K": K, "mean": mean, "var_mean": var_mean, "var_mean_sample": var_mean_sample, "pairwise": pw,
             "df": df}
-
-
-#: prior degrees of freedom of a predicted variance against a segment's measured one
-PRIOR_DF = 8.0
-
-
-def _model_weights(segs: list[Segment], predicted: list[torch.Tensor], Ks: list[float]):
-    """Per segment the weights ``(L+1,)`` ``a_{s,b} ∝ K_s / V*_{s,b}`` (column L unused) and
-    the variance of the mean of the weighted per-probe sums ``u_{s,k}``.
-
-    ``V*`` shrinks the measured per-probe variance ``V_s`` (``K_s - 1`` degrees of freedom)
-    towards the prediction with ``PRIOR_DF`` degrees of freedom,
-    ``V* = ((K_s - 1) V_s + PRIOR_DF Vp_s) / (K_s - 1 + PRIOR_DF)``: a long segment is
-    weighted by what it measured (a wrong prediction cannot give a few pilot probes the
-    weight of thousands), a short one mostly by the model (a small sample variance by
-    chance cannot either).
-    """
-    P = []
-    for s, p, k in zip(segs, predicted, Ks):
-        measured = s.variances()[0][:-1].double().cpu()
-        p = p.double().cpu()
-        df = max(k - 1.0, 0.0)
-        ok = torch.isfinite(measured) & (measured >= 0)
-        P.append(torch.where(ok, (df * measured.clamp_min(0) + PRIOR_DF * p) / (df + PRIOR_DF), p))
-    P = torch.stack(P)  # (S, L)
-    # a zero prediction (an exact sample, e.g. a 1-element block probed alone) dominates,
-    # but a floor keeps the weights finite
-    P = torch.maximum(P, 1e-12 * P.amax(0, keepdim=True)).clamp_min(1e-300)
-    inv = torch.tensor(Ks, dtype=torch.float64)[:, None] / P
-    A = inv / inv.sum(0, keepdim=True)
-    a, total_var = [], []
-    for s, row, k in zip(segs, A, Ks):
-        t = torch.cat(s.samples, 0)
-        u = t @ row.to(t.device)
-        total_var.append(float(u.var()) / k if u.numel() > 1 else math.nan)
-        a.append(torch.cat([row, torch.zeros(1, dtype=torch.float64)]))
-    return a, total_var
 
 
 def target_met(comb: dict, rtol, atol, stop_on: str) -> tuple[bool, float]:
@@ -268,11 +222,9 @@ def target_met(comb: dict, rtol, atol, stop_on: str) -> tuple[bool, float]:
     return ok, need
 
 
-def build_estimates(layout: BlockLayout, segments: list[Segment], level: float, energy_override=None,
-                    predicted=None):
-    """``(blocks, total, samples)`` from the segments (``variance`` fields are per probe;
-    ``predicted``: the pooling weights' variances, see :func:`combine`)."""
-    comb = combine(segments, predicted)
+def build_estimates(layout: BlockLayout, segments: list[Segment], level: float, energy_override=None):
+    """``(blocks, total, samples)`` from the segments (``variance`` fields are per probe)."""
+    comb = combine(segments)
     K = comb["K"]
     samples = torch.cat([torch.cat(s.samples, 0) for s in segments if s.K > 0], 0)
     mean = comb["mean"]
@@ -302,8 +254,7 @@ def build_estimates(layout: BlockLayout, segments: list[Segment], level: float, 
             ci=(float(lo[col]), float(hi[col])) if ok else (math.nan, math.nan),
             variance=float(used[col]) if ok else math.nan,
             sample_variance=float(sample_var[col]) if ok else math.nan,
-            pairwise_variance=(float(pw[col]) if (pw is not None and ok and not math.isnan(float(pw[col])))
-                               else None),
+            pairwise_variance=(float(pw[col]) if (pw is not None and ok) else None),
             row_energy=row_energy if ok else None,
             finite=ok,
         )

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ._validate import PROBE_KINDS, check_level, check_model, check_probe_kind, draw_seed, resolve_seed
-from .accumulate import SampleSink, Segment, build_estimates, combine, target_met
+from .accumulate import SampleSink, Segment, build_estimates, combine, estimate_segments, target_met
 from .blocks import resolve_blocks, unwrap_model
 from .engine import ProbeRunner, check_probe_count
 from .errors import NonFiniteWarning
@@ -144,7 +144,7 @@ def _pilot_stats(model, segments, K) -> "PilotStats":
     from .coloring import PilotStats
 
     v0 = model.update_v0(segments)
-    comb = combine(segments, _predictions(model, segments))
+    comb = combine(segments)  # every pilot sample: the choice may use the random partitions too
     return PilotStats(F=model.couplings(), v0=torch.nan_to_num(v0, nan=0.0), trace=comb["mean"][:-1].clone(),
                       probes=K, se=torch.sqrt(comb["var_mean"][:-1].clamp_min(0)))
 
@@ -155,14 +155,6 @@ def _v0_view(model, segments):
 
     v0 = model.update_v0(segments)
     return SimpleNamespace(v0=torch.nan_to_num(v0, nan=0.0))
-
-
-def _predictions(model, segments):
-    """Predicted per-probe variances of each segment's plan (the pooling weights), or None
-    without a model (every sample then counts once)."""
-    if model is None or not bool(torch.isfinite(model.v0()).all()):
-        return None
-    return [model.predicted_variance(s.plan.groups) for s in segments]
 
 
 def _recolor(model, segments, seg, probing, groups, rtol, atol, L):
@@ -232,8 +224,9 @@ def block_traces(
             number of blocks, feeds a coupling model that picks the scheme with the least
             predicted time to the target, :mod:`hutchtrace.coloring`; with adaptive stopping
             the choice is revisited after every round from everything measured so far), or a
-            ``ProbePlan``. Pilot samples are unbiased and are kept: the estimate pools every
-            segment, weighted by the model's predicted variances (:mod:`hutchtrace.accumulate`).
+            ``ProbePlan``. The estimate pools the samples of every segment, each counted once,
+            except a random-partition pilot's, which only choose the plan
+            (:func:`hutchtrace.accumulate.estimate_segments`).
         groups: number of groups for ``probing="colored"`` (default: the best by the pilot).
         variance: ``"pairwise"`` (the unbiased pairwise U-statistic, lower spread than the
             sample variance; keeps the products and probes of a round of up to 16 probes),
@@ -379,7 +372,7 @@ def block_traces(
                 model.observe(sink)
             if not adaptive:
                 break
-            comb = combine(segments, _predictions(model, segments) if group is None else None)
+            comb = combine(estimate_segments(segments))
             converged, need = target_met(comb, rtol, atol, stop_on)
             done = comb["K"]
             if converged or done >= max_K:
@@ -405,7 +398,7 @@ def block_traces(
                 if better is not None:
                     tried.add(better.name)
                     switches += 1
-                    seg = new_segment(better, done, K)  # fresh probe indices
+                    seg = new_segment(better, sum(s.K for s in segments), K)  # fresh probe indices (pilot too)
                     segments.append(seg)
             grow = max(8, int(math.ceil(1.1 * need)) - done) if math.isfinite(need) else done
             round_K = int(min(max(grow, 8), max(done, 8), max_K - done))
@@ -414,8 +407,8 @@ def block_traces(
     last = segments[-1]
     if len(segments) == 1 and last.pair is not None and not single and last.pair.available and group is None:
         energy_override = last.pair.row_energy()
-    blocks_est, total, samples = build_estimates(
-        layout, segments, level, energy_override, _predictions(model, segments) if group is None else None)
+    in_estimate = estimate_segments(segments)
+    blocks_est, total, samples = build_estimates(layout, in_estimate, level, energy_override)
     if adaptive and not converged:
         warnings.warn(
             f"adaptive stopping did not reach rtol={rtol}, atol={atol} within max_K={max_K} probes; "
@@ -449,10 +442,13 @@ def block_traces(
         "probing": final.name,
         "probing_requested": probing if isinstance(probing, str) else "plan",
         "groups": [list(g) for g in final.groups] if final.name == "colored" else final.num_groups,
-        "segments": [{"probing": s.plan.name, "groups": s.plan.num_groups, "K": s.K, "first_probe": s.first_probe}
+        # first_probe: the probe index (probes are a function of seed and index); rows of
+        # `samples` hold the segments with in_estimate=True, in this order
+        "segments": [{"probing": s.plan.name, "groups": s.plan.num_groups, "K": s.K, "first_probe": s.first_probe,
+                      "in_estimate": any(s is e for e in in_estimate)}
                      for s in segments],
         "curvature": curvature,
-        "variance": "pairwise" if all(s.pair is not None and s.pair.available for s in segments) else "sample",
+        "variance": "pairwise" if all(s.pair is not None and s.pair.available for s in in_estimate) else "sample",
         "hvp": info.backbone,
         "hvp_requested": hvp,
         "hvp_timings": info.timings,

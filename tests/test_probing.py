@@ -65,7 +65,7 @@ def test_colored_plan_separates_coupled_blocks():
                                   hvp="reverse-batched", progress=False)
     assert res.meta["probing"] == "colored" and len(res.meta["groups"]) <= 2
     pilot, main = res.meta["segments"]
-    assert pilot == {"probing": "isolated", "groups": 6, "K": 8, "first_probe": 0}
+    assert pilot == {"probing": "isolated", "groups": 6, "K": 8, "first_probe": 0, "in_estimate": True}
     assert main["first_probe"] == 8 and main["K"] == 8 and res.K == 16  # pilot samples are kept
 
 

@@ -1,5 +1,5 @@
 """Probing that scales with the number of blocks: the random-partition pilot, the coupling
-model fitted to group energies, re-planning and model-weighted pooling (hutchtrace.coloring,
+model fitted to group energies, re-planning and the pilot kept out of the estimate (hutchtrace.coloring,
 hutchtrace.accumulate)."""
 
 import math
@@ -10,7 +10,7 @@ import torch
 
 import hutchtrace
 from hutchtrace import zoo
-from hutchtrace.accumulate import SampleSink, Segment, combine
+from hutchtrace.accumulate import SampleSink, Segment
 from hutchtrace.blocks import resolve_blocks
 from hutchtrace.coloring import PILOT_GROUPS, CouplingModel, GroupEnergySink, _weights, pilot_plans
 from hutchtrace.engine import ProbeRunner
@@ -18,7 +18,6 @@ from hutchtrace.exact import exact_hessian
 from hutchtrace.loss import make_loss_spec
 from hutchtrace.probing import ProbePlan
 from hutchtrace.state import PreservedState
-from hutchtrace.stats import WelfordState
 from hutchtrace.variance import PairwiseSink, block_energies, exact_variance
 from helpers import make_case
 
@@ -206,60 +205,27 @@ def test_pilot_rows_do_not_grow_with_the_number_of_blocks():
     assert rows == {10: 80, 20: 128, 100: 128, 400: 128}, rows
 
 
-class _FakeSink:
-    """Samples ``(K, L)`` as a SampleSink would hand them to a Segment."""
-
-    def __init__(self, samples):
-        self.samples = samples
-        self.energy = torch.zeros_like(samples)
-        self.own = torch.zeros_like(samples)
-        self.energy_valid = True
-        self.state = WelfordState.zeros(samples.shape[1] + 1)
-        self.state.update(torch.cat([samples, samples.sum(1, keepdim=True)], 1))
-
-
-def _segment(samples, plan):
-    seg = Segment(plan, samples.shape[1], torch.device("cpu"), None, 0)
-    seg.add(_FakeSink(samples))
-    return seg
-
-
-def test_model_weighted_pooling_is_unbiased_and_its_variance_is_right():
-    """Two segments of very different variance: the weighted mean is unbiased, its reported
-    variance matches the Monte-Carlo variance, and it beats counting every sample once."""
-    gen = torch.Generator().manual_seed(0)
-    plan = ProbePlan("global", ((0, 1),))
-    mu = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    sd1, sd2 = torch.tensor([3.0, 0.5]), torch.tensor([0.3, 0.5])  # block 0: segment 2 is 100x better
-    pred = [sd1.double() ** 2, sd2.double() ** 2]
-    means, vars_, counts = [], [], []
-    for _ in range(2000):
-        s1 = mu + sd1 * torch.randn(40, 2, generator=gen, dtype=torch.float64)
-        s2 = mu + sd2 * torch.randn(24, 2, generator=gen, dtype=torch.float64)
-        segs = [_segment(s1, plan), _segment(s2, plan)]
-        c = combine(segs, pred)
-        means.append(c["mean"])
-        vars_.append(c["var_mean"])
-        counts.append(combine(segs)["var_mean"])
-    means, vars_, counts = torch.stack(means), torch.stack(vars_), torch.stack(counts)
-    mc_var = means.var(0)
-    z = (means.mean(0) - torch.cat([mu, mu.sum().reshape(1)])) / torch.sqrt(mc_var / len(means))
-    assert (z.abs() < 4).all(), z
-    assert torch.allclose(vars_.mean(0), mc_var, rtol=0.1), (vars_.mean(0), mc_var)
-    assert torch.allclose(means[:, -1], means[:, :-1].sum(1))  # the total is the sum of the blocks
-    assert vars_.mean(0)[0] < 0.2 * counts.mean(0)[0]
-
-
-def test_a_wrong_prediction_cannot_make_a_short_segment_dominate():
-    """A few pilot probes predicted (wrongly) to be 10^5 times better than the plan's thousands:
-    shrinking the prediction towards the measured variance keeps their weight small, so the
-    error bar still falls with K (this starved an adaptive run on the CNN before)."""
-    gen = torch.Generator().manual_seed(1)
-    plan = ProbePlan("global", ((0,),))
-    short = _segment(torch.randn(8, 1, generator=gen, dtype=torch.float64), plan)
-    long = _segment(torch.randn(2000, 1, generator=gen, dtype=torch.float64), plan)
-    c = combine([short, long], [torch.tensor([1e-5], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)])
-    assert float(c["var_mean"][0]) < 1.1 / 2008
+def test_a_random_partition_pilot_chooses_the_plan_but_stays_out_of_the_estimate():
+    """Beyond 16 blocks the pilot's samples (noisy: ~L/16 blocks share a probe) only choose the
+    plan. The estimate is the count-weighted mean of the later segments' rows, which are the
+    rows of ``samples`` (segments flagged ``in_estimate``); the pilot rows are still counted."""
+    model, crit, data = zoo.make_deep_lm(d=4, vocab=8, ctx=4, layers=2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = hutchtrace.block_traces(model, crit, K=8, data=data, seed=3, probing="auto", rtol=0.2, max_K=64,
+                                      hvp="reverse", progress=False)
+    L = res.samples.shape[1]
+    assert L > PILOT_GROUPS
+    segs = res.meta["segments"]
+    pilot = [s for s in segs if s["probing"] == "random"]
+    assert pilot and not any(s["in_estimate"] for s in pilot)
+    used = [s for s in segs if s["in_estimate"]]
+    assert used and all(s["probing"] != "random" for s in used)
+    assert res.samples.shape[0] == res.meta["K"] == sum(s["K"] for s in used)
+    assert res.meta["pilot_rows"] == PILOT_GROUPS * 8
+    assert torch.allclose(res.means, res.samples.mean(0), rtol=1e-12, atol=1e-15)
+    if len(used) == 1:
+        assert torch.allclose(res.ses, res.samples.std(0) / res.samples.shape[0] ** 0.5, rtol=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

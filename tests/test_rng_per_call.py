@@ -122,7 +122,8 @@ def test_one_mask_through_the_pilot_and_plan_switches(probing):
     segs = res.meta["segments"]
     assert segs[0]["probing"] == "isolated"  # the pilot
     if probing == "colored":  # (auto's path depends on measured seconds per row)
-        assert len(segs) == 2 and segs[1]["probing"] == "colored"
+        # a colored run re-colors after rounds when the coupling model finds a better partition
+        assert len(segs) >= 2 and all(s["probing"] == "colored" for s in segs[1:])
     L = layout.num_blocks
     known = {"isolated": [[b] for b in range(L)], "global": [list(range(L))]}
     if res.meta["probing"] == "colored":
