@@ -13,8 +13,9 @@ mobilenet_v3_small, timm convnext_atto and a vit_tiny layout). Per model:
 * **speed**: ``block_traces`` per probe against a plain loop (one first-order graph, then one
   ``torch.autograd.grad`` per probe), float32, same K;
 * **auto**: ``probing="auto", rtol=0.1`` (eval mode, float32): HVP rows (pilot included),
-  probes, converged or not within ``--max-k``, wall time. Skipped where the pilot alone
-  (``L x pilot_K`` rows) exceeds ``--auto-budget`` seconds (issue 13 G);
+  probes, converged or not within ``--max-k`` (``--max-k-slow`` on the million-parameter
+  CNNs), wall time. Skipped where the pilot alone (``min(L, 16) x pilot_K`` rows) exceeds
+  ``--auto-budget`` seconds;
 * **float16 / bfloat16** (GPT-2, resnet18 eval at 16x16 and 32x32 inputs): finite blocks,
   whether two identical calls agree bit for bit, and the per-probe samples against float32.
 
@@ -49,9 +50,12 @@ import torch  # noqa: E402
 
 import foreign_models as fm  # noqa: E402
 import hutchtrace  # noqa: E402
+from hutchtrace.coloring import PILOT_GROUPS  # noqa: E402
 from helpers import snapshot  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+#: seconds per HVP row above which an auto run is capped at --max-k-slow probes
+SLOW_ROW_S = 0.05
 
 
 def _swap(case):
@@ -118,13 +122,15 @@ def speed(name: str, K: int) -> dict:
             "ratio_loop_over_hutchtrace": t_loop / t_ht}
 
 
-def auto(name: str, max_k: int, budget_s: float, row_s: float) -> dict:
+def auto(name: str, max_k: int, budget_s: float, row_s: float, max_k_slow: int) -> dict:
     case = fm.build(name, dtype=torch.float32, train=False)
     L = sum(1 for p in case.model.parameters() if p.requires_grad)
-    pilot_rows = 8 * L
+    pilot_rows = min(L, PILOT_GROUPS) * 8  # block-supported up to 16 blocks, random partitions beyond
     if pilot_rows * row_s > budget_s:
         return {"run": False, "pilot_rows_alone": pilot_rows,
-                "pilot_s_estimate": pilot_rows * row_s, "reason": "pilot L x pilot_K over budget (issue 13 G)"}
+                "pilot_s_estimate": pilot_rows * row_s, "reason": "pilot over budget"}
+    if row_s > SLOW_ROW_S:  # the million-parameter CNNs: a capped run, reported as such
+        max_k = min(max_k, max_k_slow)
     t0 = time.perf_counter()
     with _swap(case), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -135,7 +141,8 @@ def auto(name: str, max_k: int, budget_s: float, row_s: float) -> dict:
     met = sum(1 for b in res.blocks if b.se <= max(0.1 * abs(b.mean), floor))
     return {"run": True, "hvp_rows": res.meta["hvp_rows"], "pilot_rows": res.meta["pilot_rows"],
             "K": res.meta["K"], "converged": res.meta["converged"], "probing": res.meta["probing"],
-            "segments": res.meta["segments"], "blocks_at_target": met, "L": len(res.blocks), "wall_s": wall}
+            "segments": res.meta["segments"], "blocks_at_target": met, "L": len(res.blocks), "wall_s": wall,
+            "max_k": max_k}
 
 
 def precision(name: str, size: int | None = None) -> dict:
@@ -203,11 +210,12 @@ def write_md(res: dict, path: Path) -> None:
         e64, e32, sp, au = r["exact_float64"], r["exact_float32"], r["speed"], r["auto"]
         side = "none" if e64["no_side_effects"] and e32["no_side_effects"] else "CHANGED"
         if au.get("run"):
-            a = (f"{au['hvp_rows']} ({au['pilot_rows']}) | {au['K']} | {'yes' if au['converged'] else 'no'} | "
+            cap = f" (max_K={au['max_k']})" if au.get("max_k", res["max_k"]) != res["max_k"] else ""
+            a = (f"{au['hvp_rows']} ({au['pilot_rows']}) | {au['K']}{cap} | {'yes' if au['converged'] else 'no'} | "
                  f"{au['blocks_at_target']}/{au['L']} | {au['wall_s']:.1f} s")
         else:
             a = (f"not run: pilot alone {au['pilot_rows_alone']} rows (~{au['pilot_s_estimate']:.0f} s) | | | | "
-                 "(issue 13 G)")
+                 f"({au['reason']})")
         lines.append(
             f"| {name} | {e64['P']} | {e64['L']} | {_f(e64['max_err_eps'], '{:.2f}')} | {_f(e32['max_err_eps'], '{:.2f}')} "
             f"| {side} | {_f(sp['hutchtrace_s_per_probe'])} / {_f(sp['plain_loop_s_per_probe'])} | {a} |")
@@ -236,7 +244,9 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-K", type=int, default=16, help="probes of the speed check (amortises the per-call set-up)")
     ap.add_argument("--max-k", type=int, default=2000, help="probe cap of the auto runs")
     ap.add_argument("--auto-budget", type=float, default=60.0,
-                    help="skip auto where its pilot alone (L x pilot_K rows) is predicted to take longer (s)")
+                    help="skip auto where its pilot alone (min(L, 16) x pilot_K rows) is predicted to take longer (s)")
+    ap.add_argument("--max-k-slow", type=int, default=64,
+                    help=f"probe cap of the auto runs on models slower than {SLOW_ROW_S} s per HVP row")
     ap.add_argument("--precision", default="gpt2,resnet18_eval,resnet18_eval@32",
                     help="models for the float16 / bfloat16 check; name@size: image inputs of that size")
     ap.add_argument("--out", default=str(RESULTS / "foreign_models"))
@@ -261,7 +271,7 @@ def main(argv=None) -> int:
         r = {"exact_float64": exactness(name, torch.float64, args.K),
              "exact_float32": exactness(name, torch.float32, args.K),
              "speed": speed(name, args.speed_K)}
-        r["auto"] = auto(name, args.max_k, args.auto_budget, r["speed"]["hutchtrace_s_per_probe"])
+        r["auto"] = auto(name, args.max_k, args.auto_budget, r["speed"]["hutchtrace_s_per_probe"], args.max_k_slow)
         res["models"][name] = r
         print(name, json.dumps(r, default=str), flush=True)
     for spec in filter(None, args.precision.split(",")):
