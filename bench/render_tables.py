@@ -193,7 +193,8 @@ SOURCES = {
     "cpu_auto_seeds.json": "bench/auto_seeds.py", "cpu_curvature.json": "bench/bench_curvature.py",
     "cpu_local_hessian.json": "bench/bench_local_hessian.py", "probing_study.json": "examples/probing_study.py",
     "cpu_overhead_before.json": "bench/bench_overhead.py (engine before issue 9)",
-    "cpu_cusum_arl0.json": "bench/cusum_arl0.py", "memorisation.json": "examples/memorisation_experiment.py",
+    "cpu_cusum_arl0.json": "bench/cusum_arl0.py",
+    "probing_scale.json": "bench/probing_scale.py", "memorisation.json": "examples/memorisation_experiment.py",
 }
 
 
@@ -745,6 +746,24 @@ def s_cusum_arl0_table() -> str:
         f"(`bench/cusum_arl0.py`; simulation, so independent of the machine's load).")
 
 
+def s_probing_scale_table() -> str:
+    d = results("probing_scale.json")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from probing_scale import markdown  # the benchmark's own rendering: one definition of the table
+
+    return markdown(d["studies"]).split("\n", 2)[2].strip("\n")  # without its heading
+
+
+def s_probing_scale_summary() -> str:
+    d = results("probing_scale.json")
+    ratios = [s["auto_rows_mean"] / min(s["global_rows"], s["isolated_rows"]) for s in d["studies"]]
+    share = [100 * s["pilot_share_mean"] for s in d["studies"]]
+    Ls = [s["L"] for s in d["studies"]]
+    return (f"at L = {min(Ls)}-{max(Ls)} blocks `auto` reached the target in {min(ratios):.2f}-{max(ratios):.2f}× "
+            f"the HVP rows of the better of exact `global` and exact `isolated`, its pilot "
+            f"{min(share):.1f}-{max(share):.1f} % of them")
+
+
 # ------------------------------------------------------------------------------ the registry
 SECTIONS = {
     "results-provenance": (s_results_provenance, "every bench/results file"),
@@ -770,6 +789,8 @@ SECTIONS = {
     "memorisation-table": (s_memorisation_table, "memorisation.json"),
     "memorisation-goal": (s_memorisation_goal, "memorisation.json"),
     "cusum-arl0-table": (s_cusum_arl0_table, "cpu_cusum_arl0.json"),
+    "probing-scale-table": (s_probing_scale_table, "probing_scale.json"),
+    "probing-scale-summary": (s_probing_scale_summary, "probing_scale.json"),
 }
 
 

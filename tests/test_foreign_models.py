@@ -35,9 +35,11 @@ HVP_EXACT = "auto"
 SEED = 11
 K_EXACT = 2
 
-#: issue 13 G: the auto / colored pilot costs L x pilot_K HVP rows; on these models (L = 62-142,
-#: 1.5-11 M parameters) probing="auto" runs for many minutes. Remove once the pilot scales.
-needs_scalable_auto = pytest.mark.skip(reason="needs a pilot whose cost does not grow with L (issue 13 G)")
+#: On the million-parameter CNNs (L = 62-142, 1.5-11 M parameters) the pilot is 128 rows like
+#: everywhere else, but the test does not fit CI: on resnet18 (eval, 2 cores) the auto run took
+#: 214 s and the 64-probe isolated reference 589 s. bench/foreign_models.py runs auto on them.
+needs_scalable_auto = pytest.mark.skip(reason="minutes per model on a 2-core CPU (auto 214 s + reference 589 s "
+                                              "on resnet18); measured by bench/foreign_models.py instead")
 
 
 def _require(name: str) -> None:
