@@ -194,7 +194,7 @@ SOURCES = {
     "cpu_local_hessian.json": "bench/bench_local_hessian.py", "probing_study.json": "examples/probing_study.py",
     "cpu_overhead_before.json": "bench/bench_overhead.py (engine before issue 9)",
     "cpu_cusum_arl0.json": "bench/cusum_arl0.py",
-    "probing_scale.json": "bench/probing_scale.py", "memorisation.json": "examples/memorisation_experiment.py",
+    "probing_scale.json": "bench/probing_scale.py", "weight_sharing.json": "examples/weight_sharing.py", "memorisation.json": "examples/memorisation_experiment.py",
 }
 
 
@@ -764,6 +764,18 @@ def s_probing_scale_summary() -> str:
             f"{min(share):.1f}-{max(share):.1f} % of them")
 
 
+def s_weight_sharing_table() -> str:
+    d = results("weight_sharing.json")
+
+    def signed(x):
+        return f"{x:+.3f}".replace("-", "−")
+    rows = [[r["model"], r["tensor"], r["uses"], signed(r["true_exact"]), signed(r["unrolled_exact"]),
+             signed(r["cross_exact"]),
+             f"{r['true_est'][0]:.3f} ± {r['true_est'][1]:.3f}".replace("-", "−")] for r in d["rows"]]
+    return table(["model", "tensor", "uses", "true trace", "unrolled (per-use) sum", "cross-use terms",
+                  f"`unrolled_traces` estimate of the true trace (K = {d['rows'][0]['K']})"], rows)
+
+
 # ------------------------------------------------------------------------------ the registry
 SECTIONS = {
     "results-provenance": (s_results_provenance, "every bench/results file"),
@@ -790,6 +802,7 @@ SECTIONS = {
     "memorisation-goal": (s_memorisation_goal, "memorisation.json"),
     "cusum-arl0-table": (s_cusum_arl0_table, "cpu_cusum_arl0.json"),
     "probing-scale-table": (s_probing_scale_table, "probing_scale.json"),
+    "weight-sharing-table": (s_weight_sharing_table, "weight_sharing.json"),
     "probing-scale-summary": (s_probing_scale_summary, "probing_scale.json"),
 }
 
