@@ -776,6 +776,73 @@ def s_weight_sharing_table() -> str:
                   f"`unrolled_traces` estimate of the true trace (K = {d['rows'][0]['K']})"], rows)
 
 
+def _kernel_times():
+    """``{(group, implementation): min seconds}`` from pytest-benchmark's JSON of bench/bench_kernels.py."""
+    d = results("cpu_kernels.json")
+    out = {}
+    for b in d["benchmarks"]:
+        impl = b["name"][b["name"].index("[") + 1:-1].split("-")
+        out[(b["group"], "-".join(x for x in impl if x in ("compiled", "reference", "foreach", "regen",
+                                                            "explicit")))] = b["stats"]["min"]
+    return d, out
+
+
+def _x(r: float) -> str:
+    return f"{num(r, 2) if r < 10 else f'{r:.0f}'}x"
+
+
+def _ms(t: float) -> str:
+    return f"{t * 1e6:.0f} µs" if t < 1e-3 else f"{num(t * 1e3, 2)} ms"
+
+
+def s_kernels_table() -> str:
+    d, t = _kernel_times()
+    groups = {g for g, _ in t}
+    P = max(int(float(g.split("P=")[1].split("-")[0])) for g in groups if "P=" in g)
+    Ptag = next(g.split("P=")[1].split("-")[0] for g in groups if "P=" in g and int(float(g.split("P=")[1].split("-")[0])) == P)
+    Ls = sorted({int(g.split("L=")[1]) for g in groups if g.startswith("block_dot-cpu") and f"P={Ptag}" in g})
+
+    def row(label, group_of, impl, ref_impl):
+        cells, ratios = [], []
+        for L in Ls:
+            g = group_of(L)
+            cells.append(_ms(t[(g, impl)]) if (g, impl) in t else "")
+            if ref_impl and (g, ref_impl) in t and (g, impl) in t:
+                ratios.append(_x(t[(g, ref_impl)] / t[(g, impl)]))
+        return [label, *cells, " / ".join(ratios)]
+    bd = lambda L: f"block_dot-cpu-P={Ptag}-L={L}"  # noqa: E731
+    rows = [row("`block_dot` (compiled)", bd, "compiled", None),
+            row("`block_dot`: reference loop (ratio: reference / compiled)", bd, "reference", None),
+            row("`block_dot`: `torch._foreach` (ratio: foreach / compiled)", bd, "foreach", None)]
+    rows[1][-1] = " / ".join(_x(t[(bd(L), "reference")] / t[(bd(L), "compiled")]) for L in Ls)
+    rows[2][-1] = " / ".join(_x(t[(bd(L), "foreach")] / t[(bd(L), "compiled")]) for L in Ls)
+    for kind in ("rademacher", "gaussian"):
+        rows.append(row(f"`block_dot_regen`, {kind.capitalize()} (ratio: reference / regen)",
+                        lambda L, k=kind: f"block_dot_regen-{k}-cpu-P={Ptag}-L={L}", "compiled-regen", "reference"))
+    fill = [t.get((f"probes-{k}-cpu-P={Ptag}", "compiled")) for k in ("rademacher", "gaussian")]
+    fill_r = [t.get((f"probes-{k}-cpu-P={Ptag}", "reference")) for k in ("rademacher", "gaussian")]
+    if all(fill) and all(fill_r):
+        rows.append(["`fill_probes_` (P floats), Rademacher / Gaussian", f"{_ms(fill[0])} / {_ms(fill[1])}",
+                     *[""] * (len(Ls) - 1), " / ".join(_x(r / c) for r, c in zip(fill_r, fill))])
+    rows.append(row("`welford_update_` (8 rows; ratio: reference / compiled)", lambda L: f"welford_update-cpu-L={L}",
+                    "compiled", "reference"))
+    env = d.get("machine_info", {})
+    cpu = env.get("cpu", {}).get("brand_raw", env.get("machine", "?"))
+    return table(["op", *[f"L = {L}" for L in Ls], "ratio per L"], rows) + (
+        f"\n\nP = {P:.0e} parameters in L equal tensors, float32 inputs, float64 accumulation; minimum over "
+        f"rounds; `bench/results/cpu_kernels.json` (pytest-benchmark, {d.get('datetime', '?')[:19]}, {cpu}).")
+
+
+def s_kernels_regen_vs_explicit() -> str:
+    _, t = _kernel_times()
+    groups = sorted({g for g, _ in t if g.startswith("block_dot_regen-rademacher-cpu")},
+                    key=lambda g: (float(g.split("P=")[1].split("-")[0]), int(g.split("L=")[1])))
+    P = groups[-1].split("P=")[1].split("-")[0]
+    sel = [g for g in groups if f"P={P}-" in g]
+    return ", ".join(_x(t[(g, "compiled-explicit")] / t[(g, "compiled-regen")]) for g in sel) + \
+        " at L = " + ", ".join(g.split("L=")[1] for g in sel)
+
+
 # ------------------------------------------------------------------------------ the registry
 SECTIONS = {
     "results-provenance": (s_results_provenance, "every bench/results file"),
@@ -803,6 +870,8 @@ SECTIONS = {
     "cusum-arl0-table": (s_cusum_arl0_table, "cpu_cusum_arl0.json"),
     "probing-scale-table": (s_probing_scale_table, "probing_scale.json"),
     "weight-sharing-table": (s_weight_sharing_table, "weight_sharing.json"),
+    "kernels-table": (s_kernels_table, "cpu_kernels.json"),
+    "kernels-regen-vs-explicit": (s_kernels_regen_vs_explicit, "cpu_kernels.json"),
     "probing-scale-summary": (s_probing_scale_summary, "probing_scale.json"),
 }
 
