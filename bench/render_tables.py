@@ -194,7 +194,8 @@ SOURCES = {
     "cpu_local_hessian.json": "bench/bench_local_hessian.py", "probing_study.json": "examples/probing_study.py",
     "cpu_overhead_before.json": "bench/bench_overhead.py (engine before issue 9)",
     "cpu_cusum_arl0.json": "bench/cusum_arl0.py",
-    "probing_scale.json": "bench/probing_scale.py", "weight_sharing.json": "examples/weight_sharing.py", "memorisation.json": "examples/memorisation_experiment.py",
+    "probing_scale.json": "bench/probing_scale.py", "weight_sharing.json": "examples/weight_sharing.py",
+    "cpu_kernels.json": "bench/bench_kernels.py (pytest-benchmark --benchmark-json)", "memorisation.json": "examples/memorisation_experiment.py",
 }
 
 
@@ -204,6 +205,12 @@ def s_results_provenance() -> str:
         d = optional(f)
         if d is None:
             rows.append([f"`{f}`", f"`{src}`", "not generated yet"])
+            continue
+        if "commit_info" in d:  # a pytest-benchmark JSON
+            ci = d["commit_info"]
+            rows.append([f"`{f}`", f"`{src}`", f"commit `{str(ci.get('id', 'not recorded'))[:10]}`"
+                         f"{' (dirty tree)' if ci.get('dirty') else ''}, {d.get('datetime', 'date not recorded')[:19]}, "
+                         "load not recorded"])
             continue
         env = d.get("environment", {})
         load = d.get("load")
