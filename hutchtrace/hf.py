@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 
+from ._callback_state import MonitorStateMixin, publish_class
+
 __all__ = ["HutchtraceTrainerCallback", "trainer_callback_base"]  # noqa: F822 (module __getattr__, PEP 562)
 
 
@@ -96,7 +98,7 @@ def _make_class():
         return _CLASS
     TrainerCallback = trainer_callback_base()
 
-    class _HutchtraceTrainerCallback(TrainerCallback):
+    class _HutchtraceTrainerCallback(MonitorStateMixin, TrainerCallback):
         def __init__(
             self,
             loss: Callable[[Any, Any], Any] | None = None,
@@ -139,10 +141,7 @@ def _make_class():
             self.batch = _to_device(self.batch, device)
             from .monitor import Monitor
 
-            self.monitor = Monitor(model, self._closure(), **self.monitor_kwargs)
-            if self._pending_state is not None:
-                self.monitor.load_state_dict(self._pending_state)
-                self._pending_state = None
+            self._attach_monitor(Monitor(model, self._closure(), **self.monitor_kwargs))
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.monitor is not None:
@@ -152,23 +151,8 @@ def _make_class():
             if self.monitor is not None:
                 self.monitor.close()
 
-        def state_dict(self) -> dict:
-            return {} if self.monitor is None else {"monitor": self.monitor.state_dict()}
-
-        def load_state_dict(self, state_dict: dict) -> None:
-            st = state_dict.get("monitor")
-            if st is None:
-                return
-            if self.monitor is not None:
-                self.monitor.load_state_dict(st)
-            else:
-                self._pending_state = st
-
-    _HutchtraceTrainerCallback.__name__ = "HutchtraceTrainerCallback"
-    _HutchtraceTrainerCallback.__qualname__ = "HutchtraceTrainerCallback"
-    _HutchtraceTrainerCallback.__module__ = __name__
-    _HutchtraceTrainerCallback.__doc__ = _DOC
-    _CLASS = _HutchtraceTrainerCallback
+    # checkpointing (state_dict / load_state_dict) comes from MonitorStateMixin
+    _CLASS = publish_class(_HutchtraceTrainerCallback, "HutchtraceTrainerCallback", __name__, _DOC)
     return _CLASS
 
 

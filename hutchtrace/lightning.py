@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from ._callback_state import MonitorStateMixin, publish_class
+
 __all__ = ["HutchtraceCallback", "lightning_callback_base"]  # noqa: F822 (module __getattr__, PEP 562)
 
 
@@ -64,7 +66,7 @@ def _make_class():
         return _CLASS
     Callback = lightning_callback_base()
 
-    class _HutchtraceCallback(Callback):
+    class _HutchtraceCallback(MonitorStateMixin, Callback):
         def __init__(
             self,
             loss: Callable,
@@ -85,10 +87,7 @@ def _make_class():
             if self.monitor is None:
                 from .monitor import Monitor
 
-                self.monitor = Monitor(pl_module, self.loss, **self.monitor_kwargs)
-                if self._pending_state is not None:
-                    self.monitor.load_state_dict(self._pending_state)
-                    self._pending_state = None
+                self._attach_monitor(Monitor(pl_module, self.loss, **self.monitor_kwargs))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             data = self.batch_to_data(batch) if self.batch_to_data is not None else batch
@@ -119,24 +118,8 @@ def _make_class():
             if self.monitor is not None:
                 self.monitor.close()
 
-        # -- checkpointing
-        def state_dict(self):
-            return {} if self.monitor is None else {"monitor": self.monitor.state_dict()}
-
-        def load_state_dict(self, state_dict):
-            st = state_dict.get("monitor")
-            if st is None:
-                return
-            if self.monitor is not None:
-                self.monitor.load_state_dict(st)
-            else:
-                self._pending_state = st
-
-    _HutchtraceCallback.__name__ = "HutchtraceCallback"
-    _HutchtraceCallback.__qualname__ = "HutchtraceCallback"
-    _HutchtraceCallback.__module__ = __name__
-    _HutchtraceCallback.__doc__ = _DOC
-    _CLASS = _HutchtraceCallback
+    # checkpointing (state_dict / load_state_dict) comes from MonitorStateMixin
+    _CLASS = publish_class(_HutchtraceCallback, "HutchtraceCallback", __name__, _DOC)
     return _CLASS
 
 

@@ -29,14 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from cudasim import SCHEDULES  # noqa: E402
 from cudasim.build import DEFAULT_BUILD, build  # noqa: E402
-
-TESTS = [
-    "tests/test_cudasim.py",
-    "tests/test_kernels_probes.py",
-    "tests/test_kernels_welford.py",
-    "tests/test_kernels_block_dot.py",
-    "tests/test_opcheck.py",
-]
+from cudasim.suites import CUDA_TESTS  # noqa: E402
 
 
 def _cpu() -> float:
@@ -83,7 +76,7 @@ def main(argv=None) -> int:
 
     def do_tests():
         env = dict(os.environ, HUTCHTRACE_CUDASIM="1", PYTHONDONTWRITEBYTECODE="1")
-        cmd = [sys.executable, "-m", "pytest", *TESTS, "-k", "emu or schedule", "-q",
+        cmd = [sys.executable, "-m", "pytest", *CUDA_TESTS, "-k", "emu or schedule", "-q",
                "-p", "no:cacheprovider"]
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         out = res.stdout + res.stderr

@@ -30,12 +30,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
 from cudasim.build import DEFAULT_BUILD, build  # noqa: E402
-
-KERNEL_TESTS = [
-    "tests/test_kernels_probes.py",
-    "tests/test_kernels_welford.py",
-    "tests/test_kernels_block_dot.py",
-]
+from cudasim.suites import KERNEL_TESTS  # noqa: E402
 
 
 @dataclass(frozen=True)
