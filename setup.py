@@ -12,7 +12,7 @@ Environment switches:
                             (nvcc on PATH, /usr/local/cuda, /usr/local/cuda-*).
     TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0". Default: the visible GPUs; when
                             no GPU is visible (how wheels are built), WHEEL_ARCHS of
-                            hutchtrace/_cuda_arch.py (7.5 to 12.0) as far as nvcc supports
+                            hutchtrace/kernels/cuda_arch.py (7.5 to 12.0) as far as nvcc supports
                             them, with PTX of the newest for later GPUs.
     NVCC_FLAGS              extra nvcc flags (split like a shell would).
     DEBUG=1                 -O0 -g instead of -O3.
@@ -40,10 +40,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_cuda_arch():
-    """hutchtrace/_cuda_arch.py, loaded by path (the package is not importable yet)."""
+    """hutchtrace/kernels/cuda_arch.py, loaded by path (the package is not importable yet)."""
     import importlib.util
 
-    path = os.path.join(ROOT, "hutchtrace", "_cuda_arch.py")
+    path = os.path.join(ROOT, "hutchtrace", "kernels", "cuda_arch.py")
     spec = importlib.util.spec_from_file_location("_hutchtrace_cuda_arch", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -36,17 +36,17 @@ are taken per round and reported as a median with the interquartile range. Resul
 
 from __future__ import annotations
 
+import models as bm
 import pytest
 import torch
 
 import hutchtrace
-import models as bm
 from hutchtrace import zoo
-from hutchtrace.coupling import block_coupling
-from hutchtrace.curvature_op import CurvatureProducts, probe_rows
-from hutchtrace.decompose import decompose
-from hutchtrace.loss import make_loss_spec
-from hutchtrace.state import PreservedState
+from hutchtrace.backbones.curvature_op import CurvatureProducts, probe_rows
+from hutchtrace.core.state import PreservedState
+from hutchtrace.problem.loss import make_loss_spec
+from hutchtrace.structure.coupling import block_coupling
+from hutchtrace.structure.decompose import decompose
 
 K = 16
 K_BLOCK = 2

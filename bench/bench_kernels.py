@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hutchtrace import _ext, _reference, ops
+from hutchtrace.kernels import loader, ops, reference
 
 pytestmark = pytest.mark.needs_ext
 
@@ -54,15 +54,15 @@ def bench_probes(benchmark, run, impl, kind, P, device):
     benchmark.group = f"probes-{kind}-{device}-P={P:.0e}"
     out = torch.empty(P, dtype=torch.float32, device=device)
     compiled = lambda: ops.fill_probes_(out, 1234, 7, 3, kind)  # noqa: E731
-    reference = lambda: _reference.fill_probes_(out, 1234, 7, 3, kind)  # noqa: E731
+    ref_fill = lambda: reference.fill_probes_(out, 1234, 7, 3, kind)  # noqa: E731
     if impl == "compiled":
         got = compiled().clone()
-        want = reference().clone()
+        want = ref_fill().clone()
         if kind == "rademacher":
             assert torch.equal(got, want)
         else:  # float64 sqrt of the CPU reference may differ by 1 ulp (see docs/kernels.md)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    run(compiled if impl == "compiled" else reference, device, rounds_for(P))
+    run(compiled if impl == "compiled" else ref_fill, device, rounds_for(P))
     benchmark.extra_info.update(
         P=P, kind=kind, impl=impl, backend=ops.backend_name(device) if impl == "compiled" else "reference"
     )
@@ -77,7 +77,7 @@ def bench_block_dot(benchmark, run, impl, P, L, device):
     idx_t = torch.tensor(idx, device=device)
     fns = {
         "compiled": lambda: ops.block_dot(w, z, idx, L),
-        "reference": lambda: _reference.block_dot(w, z, idx, L),
+        "reference": lambda: reference.block_dot(w, z, idx, L),
         "foreach": lambda: foreach_block_dot(w, z, idx_t, L),
     }
     if impl == "compiled":
@@ -106,7 +106,7 @@ def bench_block_dot_regen(benchmark, run, impl, kind, P, L, device):
     fns = {
         "compiled-regen": lambda: ops.block_dot_regen(w, offsets, idx, L, seed=11, probe=0, kind=kind),
         "compiled-explicit": lambda: ops.block_dot(w, explicit(ops.probes), idx, L),
-        "reference": lambda: _reference.block_dot(w, explicit(_reference.probes), idx, L),
+        "reference": lambda: reference.block_dot(w, explicit(reference.probes), idx, L),
     }
     if impl == "compiled-regen":
         d, s = fns["compiled-regen"]()
@@ -128,12 +128,12 @@ def bench_welford_update(benchmark, run, impl, L, device):
         torch.zeros(L, dtype=torch.float64, device=device),
         torch.zeros(L, dtype=torch.float64, device=device),
     )
-    fn = ops.welford_update_ if impl == "compiled" else _reference.welford_update_
+    fn = ops.welford_update_ if impl == "compiled" else reference.welford_update_
     if impl == "compiled":
         a = tuple(t.clone() for t in state)
         b = tuple(t.clone() for t in state)
         ops.welford_update_(*a, x)
-        _reference.welford_update_(*b, x)
+        reference.welford_update_(*b, x)
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     run(lambda: fn(*state, x), device, 20)
     benchmark.extra_info.update(L=L, impl=impl)
@@ -155,7 +155,7 @@ def bench_cuda_bandwidth(benchmark, run, what):
         "block_dot_regen": (lambda: ops.block_dot_regen(w, offsets, idx, L, seed=1, probe=0), 4 * P),
     }
     fn, nbytes = fns[what]
-    assert _ext.cuda_compiled()
+    assert loader.cuda_compiled()
     run(fn, "cuda", 20)
     if benchmark.stats is not None:
         seconds = benchmark.stats.stats.min

@@ -2,11 +2,11 @@
 
 Main case: ``Linear(256 -> 256) + tanh``, ``N = 32`` block inputs, float32, ``p = 65,792``.
 
-* ``closed_form``: :func:`~hutchtrace.local_hessian.local_hessian` (``m = 256`` unit blocks of
+* ``closed_form``: :func:`~hutchtrace.layers.local_hessian.local_hessian` (``m = 256`` unit blocks of
   ``257 x 257``: 16.9 M numbers, 68 MB).
 * ``generic``: every row of the same matrix by the generic ``torch.func`` path
   (vmapped ``jvp(grad S)`` against basis chunks), streamed through
-  :func:`~hutchtrace.local_hessian.local_hessian_rows`. Its ``p^2`` = 4.3 G entries (17 GB in
+  :func:`~hutchtrace.layers.local_hessian.local_hessian_rows`. Its ``p^2`` = 4.3 G entries (17 GB in
   float32) cannot be stored on a CPU box, so the rows are reduced to their diagonal entries
   as they arrive: the timing is the generic path's arithmetic, without the storage it would
   need on top.
@@ -27,12 +27,12 @@ Results: ``bench/results/cpu_local_hessian.{json,md}`` (through :func:`models.wr
 
 from __future__ import annotations
 
+import models as bm
 import pytest
 import torch
 from torch import nn
 
-import models as bm
-from hutchtrace.local_hessian import local_hessian, local_hessian_rows
+from hutchtrace.layers.local_hessian import local_hessian, local_hessian_rows
 
 _RESULTS: dict[str, dict] = {}
 

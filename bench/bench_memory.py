@@ -30,12 +30,12 @@ batched run's samples.
 
 from __future__ import annotations
 
+import models as bm
 import pytest
 import torch
 
 import hutchtrace
-import models as bm
-from hutchtrace.blocks import resolve_blocks
+from hutchtrace.problem.blocks import resolve_blocks
 
 K = 16
 _RESULTS: dict[str, dict] = {}

@@ -36,13 +36,13 @@ the bare backbone. Timings are never asserted. One intra-op thread by default
 
 from __future__ import annotations
 
+import models as bm
 import pytest
 import torch
 
 import hutchtrace
-import models as bm
-from hutchtrace import ops
-from hutchtrace.blocks import resolve_blocks
+from hutchtrace.kernels import ops
+from hutchtrace.problem.blocks import resolve_blocks
 
 BACKBONES = ("reverse", "reverse-batched")
 ROWS = 8  # probe_batch of the batched backbone, in block_traces and in the bare loop
@@ -58,9 +58,9 @@ def _k() -> tuple[int, int, int]:
 
 def check_samples(model, crit, data, backbone, dev):
     """block_traces' samples == z_b . (H z)_b from the bare backbone with the same probes."""
-    from hutchtrace.hvp import make_backbone
-    from hutchtrace.loss import make_loss_spec
-    from hutchtrace.state import ForwardRNG
+    from hutchtrace.backbones.hvp import make_backbone
+    from hutchtrace.core.state import ForwardRNG
+    from hutchtrace.problem.loss import make_loss_spec
 
     K, seed = 3, 1234
     res = hutchtrace.block_traces(model, crit, K=K, data=data, seed=seed, hvp=backbone, probing="global",

@@ -35,7 +35,7 @@ The peers' HVPs:
   of supported layers: here the MLP only). Its time is that one pass.
 
 Every method, hutchtrace included, runs inside the same state guard
-(:class:`hutchtrace.state.PreservedState`: BatchNorm-train without running-stat updates,
+(:class:`hutchtrace.core.state.PreservedState`: BatchNorm-train without running-stat updates,
 SDPA math kernel), so all differentiate the same function. Before timing, every peer's HVP
 is checked against hutchtrace's reverse HVP on a random vector (relative error <= 1e-3); a
 peer that fails (e.g. a wrong product) is reported as such and not timed. BackPACK's traces
@@ -67,13 +67,13 @@ import math
 import time
 import warnings
 
+import models as bm
 import pytest
 import torch
 from torch import nn
 
 import hutchtrace
-import models as bm
-from hutchtrace.blocks import resolve_blocks
+from hutchtrace.problem.blocks import resolve_blocks
 
 RTOL = 0.05
 PEERS = ("pyhessian", "curvlinops", "eigenthings", "backpack")
@@ -391,7 +391,7 @@ def _run_backpack(job: Job) -> dict:
             exact = backpack_exact(job)
             secs = time.perf_counter() - t0
         if bm.numel(job.model) <= 6000:
-            from hutchtrace.exact import exact_block_traces, exact_hessian
+            from hutchtrace.backbones.exact import exact_block_traces, exact_hessian
 
             H, layout = exact_hessian(job.model, job.crit, data=job.data)
             want = exact_block_traces(H, layout)

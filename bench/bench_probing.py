@@ -48,11 +48,11 @@ import math
 import time
 import warnings
 
+import models as bm
 import pytest
 
 import hutchtrace
-import models as bm
-from hutchtrace.blocks import resolve_blocks
+from hutchtrace.problem.blocks import resolve_blocks
 
 SCHEMES = ("global", "isolated", "colored", "auto")
 RTOL = 0.05
@@ -94,7 +94,7 @@ def run_scheme(model, crit, data, scheme, seed, cap):
 
 
 def check_against_exact(model, crit, data, res):
-    from hutchtrace.exact import exact_block_traces, exact_hessian
+    from hutchtrace.backbones.exact import exact_block_traces, exact_hessian
 
     H, layout = exact_hessian(model, crit, data=data)
     exact = exact_block_traces(H, layout)

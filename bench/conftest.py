@@ -49,14 +49,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    from hutchtrace import _ext
+    from hutchtrace.kernels import loader
 
-    cuda_ok = torch.cuda.is_available() and _ext.cuda_compiled()
+    cuda_ok = torch.cuda.is_available() and loader.cuda_compiled()
     for item in items:
         if item.get_closest_marker("needs_cuda") and not cuda_ok:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device and the CUDA kernels"))
-        if item.get_closest_marker("needs_ext") and not _ext.HAS_EXT:
-            item.add_marker(pytest.mark.skip(reason=f"needs the compiled extension ({_ext.LOAD_ERROR})"))
+        if item.get_closest_marker("needs_ext") and not loader.HAS_EXT:
+            item.add_marker(pytest.mark.skip(reason=f"needs the compiled extension ({loader.LOAD_ERROR})"))
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hutchtrace._cuda_arch import WHEEL_ARCHS  # noqa: E402
+from hutchtrace.kernels.cuda_arch import WHEEL_ARCHS  # noqa: E402
 
 
 def nvcc_flags(cuda_home: str) -> list[str]:

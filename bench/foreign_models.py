@@ -46,12 +46,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 import foreign_models as fm  # noqa: E402
-import hutchtrace  # noqa: E402
-from hutchtrace.coloring import PILOT_GROUPS  # noqa: E402
+import torch  # noqa: E402
 from helpers import snapshot  # noqa: E402
+
+import hutchtrace  # noqa: E402
+from hutchtrace.estimate.coloring import PILOT_GROUPS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: seconds per HVP row above which an auto run is capped at --max-k-slow probes

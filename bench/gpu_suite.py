@@ -53,7 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 STEPS = ("build", "tests", "sanitizer", "kernels", "graphs", "overhead", "memory")
-KERNEL_TESTS = ["tests/test_kernels_probes.py", "tests/test_kernels_block_dot.py", "tests/test_kernels_welford.py"]
+KERNEL_TESTS = ["tests/kernels/test_probes.py", "tests/kernels/test_block_dot.py", "tests/kernels/test_welford.py"]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -186,10 +186,10 @@ def kernels_step(quick: bool) -> dict:
     """Bandwidth of the compiled ops vs a device copy (module docs)."""
     import torch
 
-    from hutchtrace import _ext, _reference, ops
+    from hutchtrace.kernels import loader, ops, reference
 
-    if not (torch.cuda.is_available() and _ext.cuda_compiled()):
-        return {"status": "skipped", "reason": f"CUDA kernels not available ({_ext.LOAD_ERROR})"}
+    if not (torch.cuda.is_available() and loader.cuda_compiled()):
+        return {"status": "skipped", "reason": f"CUDA kernels not available ({loader.LOAD_ERROR})"}
     P, L = (10_000_000 if quick else 100_000_000), 100
     g = torch.Generator(device="cuda").manual_seed(0)
     sizes = [P // L + (1 if j < P % L else 0) for j in range(L)]
@@ -207,9 +207,9 @@ def kernels_step(quick: bool) -> dict:
     assert torch.allclose(d, d_ref, rtol=1e-9, atol=1e-6) and torch.allclose(s, s_ref, rtol=1e-9), "block_dot"
     small = torch.empty(4099, device="cuda")
     ops.fill_probes_(small, 9, 3, 5)
-    assert torch.equal(small, _reference.probes(9, 3, 5, 4099, device="cuda")[0]), "rademacher probes"
+    assert torch.equal(small, reference.probes(9, 3, 5, 4099, device="cuda")[0]), "rademacher probes"
     dr, sr = ops.block_dot_regen(w[:3], offsets[:3], idx[:3], 3, seed=1, probe=0)
-    zr = [_reference.probes(1, 0, o, t.numel(), device="cuda")[0] for t, o in zip(w[:3], offsets[:3])]
+    zr = [reference.probes(1, 0, o, t.numel(), device="cuda")[0] for t, o in zip(w[:3], offsets[:3])]
     assert torch.allclose(dr, torch.stack([(a.double() * b.double()).sum() for a, b in zip(w[:3], zr)]),
                           rtol=1e-9, atol=1e-6), "block_dot_regen"
     cases = {
@@ -352,8 +352,8 @@ def main(argv=None) -> int:
                                                    if ln.startswith(("CUDA kernels", "extension loaded", "built with")))),
                              "build": r, "info": info["tail"]})
     if "tests" in steps:
-        r1 = sh([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS, "tests/test_opcheck.py",
-                 "tests/test_cuda_graph.py"], 900, env, log)
+        r1 = sh([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS, "tests/kernels/test_opcheck.py",
+                 "tests/estimate/test_cuda_graph.py"], 900, env, log)
         r2 = sh([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-m", "needs_cuda"], 900, env, log)
         ok = r1["rc"] == 0 and r2["rc"] == 0
         record("tests", {"status": "ok" if ok else "failed", "seconds": r1["seconds"] + r2["seconds"],
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
             mem = sh([san, "--tool", "memcheck", "--error-exitcode", "1", py, "-m", "pytest", "-q", "-x",
                       "-p", "no:cacheprovider", *KERNEL_TESTS, "-k", "cuda"], 1200, senv, log)
             race = sh([san, "--tool", "racecheck", "--error-exitcode", "1", py, "-m", "pytest", "-q", "-x",
-                       "-p", "no:cacheprovider", "tests/test_kernels_block_dot.py", "-k",
+                       "-p", "no:cacheprovider", "tests/kernels/test_block_dot.py", "-k",
                        "cuda and not ten_million"], 1200, env, log)
 
             def errs(t):

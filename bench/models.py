@@ -242,7 +242,7 @@ def environment() -> dict:
     except Exception:  # no git
         commit, dirty = "unknown", None
     import hutchtrace
-    from hutchtrace import _ext, ops
+    from hutchtrace.kernels import loader, ops
 
     env = {
         "commit": commit,
@@ -253,7 +253,7 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "extension": _ext.HAS_EXT,
+        "extension": loader.HAS_EXT,
         "backend_cpu": ops.backend_name("cpu"),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -270,7 +270,7 @@ def preserved(model):
     """The state guard hutchtrace uses (BatchNorm-train made functorch-safe, SDPA math kernel,
     everything restored on exit); the peers and the bare baselines run inside it too, so
     every method differentiates the same function."""
-    from hutchtrace.state import PreservedState
+    from hutchtrace.core.state import PreservedState
 
     with PreservedState(model):
         yield
@@ -420,10 +420,10 @@ def bare_probe_loop(model, crit, data, K: int, backbone: str, rows: int, dev="cp
     batch (forward, first-order graph for the reverse backbones) once, then the HVPs of
     ``K`` distinct pre-generated vectors, ``rows`` per call for the batched backbones. No probe
     generation, no reduction, no statistics: what a hand-written HVP loop would time."""
-    from hutchtrace.blocks import resolve_blocks
-    from hutchtrace.hvp import make_backbone
-    from hutchtrace.loss import make_loss_spec
-    from hutchtrace.state import ForwardRNG
+    from hutchtrace.backbones.hvp import make_backbone
+    from hutchtrace.core.state import ForwardRNG
+    from hutchtrace.problem.blocks import resolve_blocks
+    from hutchtrace.problem.loss import make_loss_spec
 
     layout = resolve_blocks(model, "param")
     spec = make_loss_spec(crit, data)

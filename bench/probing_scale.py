@@ -43,9 +43,9 @@ import models as bm  # noqa: E402
 
 import hutchtrace  # noqa: E402
 from hutchtrace import zoo  # noqa: E402
-from hutchtrace.coloring import _weights, candidate_partitions, predicted_cost  # noqa: E402
-from hutchtrace.exact import exact_hessian  # noqa: E402
-from hutchtrace.variance import exact_variance  # noqa: E402
+from hutchtrace.backbones.exact import exact_hessian  # noqa: E402
+from hutchtrace.estimate.coloring import _weights, candidate_partitions, predicted_cost  # noqa: E402
+from hutchtrace.estimate.variance import exact_variance  # noqa: E402
 
 MODELS = {
     "deep_resnet": ("residual CNN, 16 basic blocks of width 4, BatchNorm in train mode",
@@ -81,7 +81,7 @@ def surrogate_check(name: str, H, seed: int = 0) -> dict:
 
 
 def real_layout(model):
-    return hutchtrace.blocks.resolve_blocks(model).blocks
+    return hutchtrace.problem.blocks.resolve_blocks(model).blocks
 
 
 def run_auto(q, seed: int, rtol: float, tr: torch.Tensor, max_K: int) -> dict:

@@ -49,10 +49,10 @@ from torch.func import functional_call, grad, jvp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hutchtrace  # noqa: E402
-from hutchtrace.errors import failing_op, is_second_order_failure  # noqa: E402
-from hutchtrace.hvp import once_differentiable_functions  # noqa: E402
-from hutchtrace.state import differentiable_mode  # noqa: E402
-from hutchtrace.twice import swap_for_failing_op  # noqa: E402
+from hutchtrace.backbones.hvp import once_differentiable_functions  # noqa: E402
+from hutchtrace.core.errors import failing_op, is_second_order_failure  # noqa: E402
+from hutchtrace.core.state import differentiable_mode  # noqa: E402
+from hutchtrace.core.twice import swap_for_failing_op  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DT = torch.float64
@@ -229,7 +229,7 @@ def _logits(out):
 
 
 def check_model(model: nn.Module, x: torch.Tensor) -> dict:
-    """Per model, in the kernels hutchtrace selects (:func:`hutchtrace.state.differentiable_mode`:
+    """Per model, in the kernels hutchtrace selects (:func:`hutchtrace.core.state.differentiable_mode`:
     the math attention kernel): rr / fr status, FD error, once_differentiable Functions, params."""
     with differentiable_mode(model):
         return _check_model(model, x)

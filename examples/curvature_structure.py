@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from hutchtrace import zoo
-from hutchtrace.coupling import block_coupling
-from hutchtrace.decompose import decompose
-from hutchtrace.spectra import spectral_density, stable_rank
+from hutchtrace.structure.coupling import block_coupling
+from hutchtrace.structure.decompose import decompose
+from hutchtrace.structure.spectra import spectral_density, stable_rank
 
 
 def run(name, model, crit, data, out_dir, K, blocks_for_coupling, spectra_blocks):
@@ -33,7 +33,7 @@ def run(name, model, crit, data, out_dir, K, blocks_for_coupling, spectra_blocks
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hutchtrace.plots import plot_coupling, plot_decomposition, plot_spectral_density
+    from hutchtrace.monitor.plots import plot_coupling, plot_decomposition, plot_spectral_density
 
     t0 = time.perf_counter()
     dec = decompose(model, crit, K=K, data=data, seed=0)

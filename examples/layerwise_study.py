@@ -86,7 +86,7 @@ def make_mlp(d_in: int, hidden, d_out: int, seed: int) -> nn.Sequential:
 
 def train_run(run_dir, task, Xtr, ytr, Xte, yte, hidden, *, epochs, snapshots, n_lh, seed):
     """Train one MLP with Adam, recording ``snapshots`` evenly spaced snapshots."""
-    import hutchtrace.snapshots as hs
+    import hutchtrace.layers.snapshots as hs
 
     d_out = int(ytr.max()) + 1 if task == "classification" else 1
     model = make_mlp(Xtr.shape[1], hidden, d_out, seed)
@@ -187,8 +187,8 @@ def main(argv=None) -> dict:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from hutchtrace.analysis import cca, snapshot_pca
-    from hutchtrace.snapshots import load_arrays, load_run
+    from hutchtrace.layers.analysis import cca, snapshot_pca
+    from hutchtrace.layers.snapshots import load_arrays, load_run
 
     t0 = time.time()
     data = load_datasets(quick, args.seed)

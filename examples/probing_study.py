@@ -21,9 +21,9 @@ import torch
 
 import hutchtrace
 from hutchtrace import zoo
-from hutchtrace.exact import exact_hessian
-from hutchtrace.probing import ProbePlan
-from hutchtrace.variance import exact_variance
+from hutchtrace.backbones.exact import exact_hessian
+from hutchtrace.estimate.probing import ProbePlan
+from hutchtrace.estimate.variance import exact_variance
 
 RTOL = 0.05
 

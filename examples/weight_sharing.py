@@ -22,8 +22,7 @@ import torch
 
 import hutchtrace
 from hutchtrace import zoo
-from hutchtrace.sharing import unrolled_hessian
-
+from hutchtrace.structure.sharing import unrolled_hessian
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "weight_sharing.json"
 

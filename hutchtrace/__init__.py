@@ -7,13 +7,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ext  # noqa: F401  (loads the compiled kernels when available)
-from .analysis import CCAResult, PCAResult, cca, snapshot_pca
-from .blocks import Block, BlockLayout, resolve_blocks
-from .coupling import Coupling, block_coupling, estimate_coupling_matrix
-from .cusum import Alarm, CUSUMDetector
-from .decompose import Decomposition, decompose
-from .errors import (
+from .backbones.exact import exact_block_traces, exact_hessian
+from .core.errors import (
     BlockSpecError,
     DataFormatError,
     DeviceMismatchError,
@@ -23,26 +18,31 @@ from .errors import (
     MemoryBudgetError,
     NonFiniteWarning,
 )
-from .estimator import block_traces
-from .exact import exact_block_traces, exact_hessian
-from .local_hessian import (
+from .core.twice import twice_differentiable
+from .estimate.estimator import block_traces
+from .estimate.probing import ProbePlan
+from .estimate.result import BlockEstimate, BlockTraces
+from .estimate.variance import exact_variance
+from .kernels import loader  # noqa: F401  (loads the compiled kernels when available)
+from .layers.analysis import CCAResult, PCAResult, cca, snapshot_pca
+from .layers.local_hessian import (
     DegenerateLocalHessianWarning,
     LocalHessian,
     LocalHessianError,
     local_hessian,
     local_hessian_rows,
 )
-from .minibatch import VarianceDecomposition, variance_decomposition
-from .monitor import Monitor
-from .probing import ProbePlan
-from .result import BlockEstimate, BlockTraces
-from .sharing import SharedTrace, unrolled_traces
-from .sinks import CallbackSink, CSVSink, JSONLSink, TensorBoardSink, plot_monitor, read_log
-from .snapshots import SnapshotRecorder, load_arrays, load_run
-from .spectra import block_eigenvalues, hutchpp, spectral_density, stable_rank
-from .spectrum import SpectrumSummary, VectorSummary, spectrum_summary, vector_summary
-from .twice import twice_differentiable
-from .variance import exact_variance
+from .layers.snapshots import SnapshotRecorder, load_arrays, load_run
+from .layers.spectrum import SpectrumSummary, VectorSummary, spectrum_summary, vector_summary
+from .monitor.cusum import Alarm, CUSUMDetector
+from .monitor.monitor import Monitor
+from .monitor.sinks import CallbackSink, CSVSink, JSONLSink, TensorBoardSink, plot_monitor, read_log
+from .problem.blocks import Block, BlockLayout, resolve_blocks
+from .structure.coupling import Coupling, block_coupling, estimate_coupling_matrix
+from .structure.decompose import Decomposition, decompose
+from .structure.minibatch import VarianceDecomposition, variance_decomposition
+from .structure.sharing import SharedTrace, unrolled_traces
+from .structure.spectra import block_eigenvalues, hutchpp, spectral_density, stable_rank
 
 __all__ = [
     "__version__",

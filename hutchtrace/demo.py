@@ -3,9 +3,9 @@
 The demo trains the same small MLP (64-128-128-10, ReLU) on scikit-learn's ``digits``
 (1797 8x8 images, shipped with scikit-learn, no download) twice: once with clean labels
 and once with a fraction of the training labels replaced by uniformly random classes.
-A :class:`~hutchtrace.monitor.Monitor` measures the per-layer Hessian traces (``K`` probes
+A :class:`~hutchtrace.monitor.monitor.Monitor` measures the per-layer Hessian traces (``K`` probes
 on the current mini-batch) every few steps, with the gradient norm and the loss, and a
-one-sided CUSUM (:class:`~hutchtrace.cusum.CUSUMDetector`) on the first layer is
+one-sided CUSUM (:class:`~hutchtrace.monitor.cusum.CUSUMDetector`) on the first layer is
 calibrated *once* on the clean run's early measurements, then applied to both runs.
 
 The report folder gets ``clean.png``/``noisy.png`` (per-layer traces with 2-SE bands and
@@ -217,7 +217,7 @@ def run_demo(
 
     Protocol (the memorisation experiment's protocol A, with one reference run):
 
-    1. Both runs are monitored by a :class:`~hutchtrace.monitor.Monitor`: per-module traces,
+    1. Both runs are monitored by a :class:`~hutchtrace.monitor.monitor.Monitor`: per-module traces,
        ``K=8`` probes on the current batch every ``every`` steps (fixed interval, so both runs
        are measured at the same steps), the loss and the gradient norm, logged to JSONL.
     2. The clean run's monitor carries a one-sided (``"up"``) CUSUM on every layer, ``k=0.5``,
@@ -238,9 +238,9 @@ def run_demo(
 
 
 def _run_demo(out, quick, seed, noise, progress, stream) -> dict:
-    from .cusum import CUSUMDetector
-    from .monitor import Monitor
-    from .sinks import JSONLSink, plot_monitor
+    from .monitor.cusum import CUSUMDetector
+    from .monitor.monitor import Monitor
+    from .monitor.sinks import JSONLSink, plot_monitor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,14 +52,14 @@ def info_dict() -> dict:
     """Everything ``python -m hutchtrace.info`` prints, as a dict."""
     import torch
 
-    from hutchtrace import _ext
+    from hutchtrace.kernels import loader
 
     cuda_available = torch.cuda.is_available()
-    cuda_compiled = _ext.cuda_compiled()
+    cuda_compiled = loader.cuda_compiled()
     devices = []
     if cuda_available:
         for i in range(torch.cuda.device_count()):
-            ok, why = _ext.cuda_kernel_status(i) if _ext.HAS_EXT else (False, "compiled extension not loaded")
+            ok, why = loader.cuda_kernel_status(i) if loader.HAS_EXT else (False, "compiled extension not loaded")
             major, minor = torch.cuda.get_device_capability(i)
             devices.append(
                 {"index": i, "name": torch.cuda.get_device_name(i), "capability": f"{major}.{minor}",
@@ -68,10 +68,10 @@ def info_dict() -> dict:
     cuda_backend = "compiled" if devices and all(d["compiled_kernels"] for d in devices) else "fallback"
     if devices and cuda_backend == "fallback" and any(d["compiled_kernels"] for d in devices):
         cuda_backend = "compiled on some devices"
-    if _ext.HAS_EXT:
+    if loader.HAS_EXT:
         cuda_reason = None
         if not cuda_compiled:
-            build = _ext.build_info() or {}
+            build = loader.build_info() or {}
             cuda_reason = build.get("cuda_skipped_reason") or "extension built without CUDA sources"
         elif not cuda_available:
             cuda_reason = "no CUDA device visible"
@@ -81,31 +81,31 @@ def info_dict() -> dict:
             )
     else:
         cuda_reason = "compiled extension not loaded"
-    images = _ext.cuda_images() if cuda_compiled else None
+    images = loader.cuda_images() if cuda_compiled else None
     return {
         "hutchtrace": _version(),
-        "package": os.path.dirname(os.path.abspath(_ext.__file__)),
+        "package": os.path.dirname(os.path.dirname(os.path.abspath(loader.__file__))),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": cuda_available,
         "cuda_devices": [d["name"] for d in devices],
         "cuda_device_kernels": devices,
-        "extension_loaded": _ext.HAS_EXT,
-        "extension_disabled": _ext.DISABLED,
-        "load_error": _ext.LOAD_ERROR,
-        "fake_kernels_error": _ext.FAKE_ERROR,
+        "extension_loaded": loader.HAS_EXT,
+        "extension_disabled": loader.DISABLED,
+        "load_error": loader.LOAD_ERROR,
+        "fake_kernels_error": loader.FAKE_ERROR,
         "cuda_compiled": cuda_compiled,
-        "cuda_arch_list": (_ext.build_info() or {}).get("arch_list") if cuda_compiled else None,
+        "cuda_arch_list": (loader.build_info() or {}).get("arch_list") if cuda_compiled else None,
         "cuda_sass": images[0] if images else None,
         "cuda_ptx": images[1] if images else None,
         "cuda_verification": dict(CUDA_VERIFICATION),
         "backends": {
-            "cpu": "compiled" if _ext.has_kernel("cpu") else "fallback",
+            "cpu": "compiled" if loader.has_kernel("cpu") else "fallback",
             "cuda": cuda_backend if cuda_compiled else "fallback",
         },
         "cuda_fallback_reason": cuda_reason,
-        "build": _ext.build_info(),
+        "build": loader.build_info(),
     }
 
 

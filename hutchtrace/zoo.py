@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .problem.loss import MeanSquared  # re-exported: the zoo's regression criterion
+
 __all__ = [
     "mlp",
     "MeanSquared",
@@ -252,14 +254,6 @@ def make_mlp(n=32, sizes=(16, 32, 32, 8), act=nn.Tanh, seed=0, dtype=torch.float
     x = torch.randn(n, sizes[0], generator=g).to(dtype)
     y = torch.randint(0, sizes[-1], (n,), generator=g)
     return model, nn.CrossEntropyLoss(), (x, y)
-
-
-class MeanSquared(nn.Module):
-    """``mean((out - y)^2)``: nn.MSELoss, but with a forward-over-reverse derivative that
-    works on current torch (F.mse_loss hits a ZeroTensor bug under jvp of grad)."""
-
-    def forward(self, out, target):
-        return ((out - target) ** 2).mean()
 
 
 def make_dropout_mlp(n=16, sizes=(6, 10, 3), p=0.3, seed=0, dtype=torch.float32):

@@ -25,9 +25,9 @@ def pytest_collection_modifyitems(config, items):
     cuda_ok = torch.cuda.is_available() if wants_cuda else True
     ext_ok, ext_reason = True, ""
     if wants_ext:
-        from hutchtrace import _ext
+        from hutchtrace.kernels import loader
 
-        ext_ok, ext_reason = _ext.HAS_EXT, str(_ext.LOAD_ERROR)
+        ext_ok, ext_reason = loader.HAS_EXT, str(loader.LOAD_ERROR)
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     skip_ext = pytest.mark.skip(reason=f"needs the compiled extension ({ext_reason})")
     for item in items:

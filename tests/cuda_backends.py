@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import cudasim
 import pytest
 import torch
 
-import cudasim
-from hutchtrace import _ext
+from hutchtrace.kernels import loader
 
 KIND_CODES = {"rademacher": 0, "gaussian": 1}
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def emulated_params() -> list:
 def get_kernels(schedule: Optional[cudasim.Schedule]) -> Kernels:
     """The kernels for one parameter of ``cuda_kernels`` (skips when they are unavailable)."""
     if schedule is None:
-        if not _ext.cuda_compiled():
+        if not loader.cuda_compiled():
             pytest.skip("extension built without CUDA kernels")
         return Kernels("cuda", torch.device("cuda"), torch.ops.hutchtrace)
     if not cudasim.enabled():

@@ -1,7 +1,7 @@
 """Dense references for the curvature-structure tests: the exact GGN, block Frobenius norms,
 and the small models of the seed's qualitative claims.
 
-The GGN reference is built independently of :mod:`hutchtrace.ggn`: the full Jacobian of the
+The GGN reference is built independently of :mod:`hutchtrace.backbones.ggn`: the full Jacobian of the
 model outputs by ``torch.func.jacrev`` and the criterion's output Hessian by
 ``jacrev(jacrev(criterion))`` (reverse-over-reverse, which also avoids the forward-mode
 ZeroTensor bug of ``F.mse_loss``), assembled as ``G = sum_m w_m J_m^T Lambda_m J_m / sum_m n_m``.
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from hutchtrace.blocks import resolve_blocks
-from hutchtrace.exact import block_slices
-from hutchtrace.state import PreservedState
+from hutchtrace.backbones.exact import block_slices
+from hutchtrace.core.state import PreservedState
+from hutchtrace.problem.blocks import resolve_blocks
 
 
 def _ggn_one(model, layout, crit, x, y):

@@ -1,6 +1,6 @@
 """Models nobody here wrote, randomly initialised from tiny configs, and independent references.
 
-Used by ``tests/test_foreign_models.py`` and ``bench/foreign_models.py``. Every model is built
+Used by ``tests/estimate/test_foreign_models.py`` and ``bench/foreign_models.py``. Every model is built
 from a config (no hub download: ``HF_HUB_OFFLINE=1``) under a fixed seed, without touching the
 caller's RNG. The references do not use hutchtrace's probe or HVP code:
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from hutchtrace._reference import probes
-from hutchtrace.exact import block_slices
+from hutchtrace.backbones.exact import block_slices
+from hutchtrace.kernels.reference import probes
 
 CASES = ["mlp", "cnn_bn", "lm_tied", "rnn", "shared_frozen"]
 

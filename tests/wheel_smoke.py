@@ -17,14 +17,14 @@ def main() -> int:
     import torch
 
     import hutchtrace
-    from hutchtrace import _ext, _reference, info, ops, zoo
-
+    from hutchtrace import info, zoo
+    from hutchtrace.kernels import loader, ops, reference
     where = os.path.dirname(os.path.abspath(hutchtrace.__file__))
     print(f"hutchtrace {hutchtrace.__version__} from {where}")
     assert "site-packages" in where, f"imported a source tree, not the wheel: {where}"
-    assert _ext.HAS_EXT, f"the compiled extension did not load: {_ext.LOAD_ERROR}"
-    assert _ext.cuda_compiled(), "the wheel has no CUDA kernels"
-    build = _ext.build_info()
+    assert loader.HAS_EXT, f"the compiled extension did not load: {loader.LOAD_ERROR}"
+    assert loader.cuda_compiled(), "the wheel has no CUDA kernels"
+    build = loader.build_info()
     assert build is not None, "the wheel has no _build_info.json"
     wanted = {"sm_80", "sm_86", "sm_89", "sm_90"}
     assert wanted <= set(build["cuda_sass"]) and build["cuda_ptx"], (build["cuda_sass"], build["cuda_ptx"])
@@ -32,7 +32,7 @@ def main() -> int:
 
     for kind in ("rademacher", "gaussian"):
         got = ops.probes(3, 2**32 + 1, 2**33 + 3, 1001, num_probes=2, kind=kind, dtype=torch.float64)
-        want = _reference.probes(3, 2**32 + 1, 2**33 + 3, 1001, num_probes=2, kind=kind, dtype=torch.float64)
+        want = reference.probes(3, 2**32 + 1, 2**33 + 3, 1001, num_probes=2, kind=kind, dtype=torch.float64)
         assert torch.equal(got, want), kind
     assert ops.backend_name("cpu") == "compiled-cpu"
 

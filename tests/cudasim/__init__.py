@@ -78,9 +78,9 @@ def load():
         import torch
 
         torch.ops.load_library(str(library_path()))
-        from hutchtrace import _fake
+        from hutchtrace.kernels import fake
 
-        _fake.register_fakes(NAMESPACE)
+        fake.register_fakes(NAMESPACE)
         _OPS = getattr(torch.ops, NAMESPACE)
     return _OPS
 

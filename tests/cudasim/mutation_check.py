@@ -50,7 +50,7 @@ MUTANTS = [
         "    sb[warp] = b;\n  }\n  __syncthreads();\n",
         "    sb[warp] = b;\n  }\n",
         "block_sum2 without the barrier between writing the warp sums and reading them",
-        ("tests/test_kernels_block_dot.py",),
+        ("tests/kernels/test_block_dot.py",),
     ),
     Mutant(
         "closing-barrier-removed",
@@ -58,7 +58,7 @@ MUTANTS = [
         "    b = warp_sum(b);\n  }\n  __syncthreads();\n}",
         "    b = warp_sum(b);\n  }\n}",
         "block_sum2 without its closing barrier (unsafe when called twice in one kernel)",
-        ("tests/test_cudasim.py",),
+        ("tests/kernels/test_cudasim.py",),
     ),
     Mutant(
         "off-by-one-chunk-tail",
@@ -66,7 +66,7 @@ MUTANTS = [
         "  for (; i < end; i += kThreads) {",
         "  for (; i < end - 1; i += kThreads) {",
         "block_dot's per-thread tail loop stops one element early (the last element of every chunk)",
-        ("tests/test_kernels_block_dot.py",),
+        ("tests/kernels/test_block_dot.py",),
     ),
     Mutant(
         "off-by-one-probe-bound",
@@ -74,7 +74,7 @@ MUTANTS = [
         "        if (j >= 0 && j < n) row[j] = probe_cast<scalar_t>(v[l]);",
         "        if (j >= 0 && j < n - 1) row[j] = probe_cast<scalar_t>(v[l]);",
         "the probe kernel's element bound excludes the last element of a row (unaligned tails)",
-        ("tests/test_kernels_probes.py",),
+        ("tests/kernels/test_probes.py",),
     ),
     Mutant(
         "off-by-one-welford-stride",
@@ -82,7 +82,7 @@ MUTANTS = [
         "threadIdx.x; l < L; l += stride) {\n    WelfordState s{n0, mean[l], m2[l]};",
         "threadIdx.x; l + 1 < L; l += stride) {\n    WelfordState s{n0, mean[l], m2[l]};",
         "the Welford update's grid-stride loop skips the last statistic",
-        ("tests/test_kernels_welford.py",),
+        ("tests/kernels/test_welford.py",),
     ),
 ]
 

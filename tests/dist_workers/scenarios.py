@@ -198,7 +198,7 @@ def mismatch(rank, world):
 
 def welford(rank, world):
     """all_reduce_welford of uneven per-rank chunks vs. one Welford pass over everything."""
-    from hutchtrace.stats import WelfordState
+    from hutchtrace.estimate.stats import WelfordState
 
     g = torch.Generator().manual_seed(5)
     data = 1e6 + torch.randn(37, 3, generator=g, dtype=torch.float64)
@@ -322,7 +322,7 @@ def tensor_parallel(rank, world, K=5, seed=8):
 
 def monitor_ddp(rank, world, path, steps=6, every=2, K=3):
     """A Monitor around a DDP model in an ordinary training loop, logging to one shared path."""
-    from hutchtrace.monitor import Monitor
+    from hutchtrace.monitor.monitor import Monitor
 
     model, crit, (x, y) = make("mlp")
     sizes = shard_sizes(len(x), world)
