@@ -58,7 +58,7 @@ def _k() -> tuple[int, int, int]:
 
 def check_samples(model, crit, data, backbone, dev):
     """block_traces' samples == z_b . (H z)_b from the bare backbone with the same probes."""
-    from hutchtrace.backbones.hvp import make_backbone
+    from hutchtrace.backbones.base import make_backbone
     from hutchtrace.core.state import ForwardRNG
     from hutchtrace.problem.loss import make_loss_spec
 

@@ -420,7 +420,7 @@ def bare_probe_loop(model, crit, data, K: int, backbone: str, rows: int, dev="cp
     batch (forward, first-order graph for the reverse backbones) once, then the HVPs of
     ``K`` distinct pre-generated vectors, ``rows`` per call for the batched backbones. No probe
     generation, no reduction, no statistics: what a hand-written HVP loop would time."""
-    from hutchtrace.backbones.hvp import make_backbone
+    from hutchtrace.backbones.base import make_backbone
     from hutchtrace.core.state import ForwardRNG
     from hutchtrace.problem.blocks import resolve_blocks
     from hutchtrace.problem.loss import make_loss_spec

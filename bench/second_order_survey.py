@@ -49,7 +49,7 @@ from torch.func import functional_call, grad, jvp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hutchtrace  # noqa: E402
-from hutchtrace.backbones.hvp import once_differentiable_functions  # noqa: E402
+from hutchtrace.backbones.graph import once_differentiable_functions
 from hutchtrace.core.errors import failing_op, is_second_order_failure  # noqa: E402
 from hutchtrace.core.state import differentiable_mode  # noqa: E402
 from hutchtrace.core.twice import swap_for_failing_op  # noqa: E402

@@ -30,7 +30,7 @@ from ..core.state import ForwardRNG, _set_rng
 from ..kernels import ops
 from ..problem.blocks import BlockLayout
 from ..problem.loss import LossSpec
-from .hvp import backbones_for, make_backbone
+from .base import backbones_for, make_backbone
 
 __all__ = ["PREFERRED", "CurvatureProducts", "block_rows", "probe_rows", "rows_to_block"]
 

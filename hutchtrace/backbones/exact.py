@@ -32,7 +32,7 @@ from ..core.errors import MemoryBudgetError
 from ..core.state import ForwardRNG, PreservedState
 from ..problem.blocks import BlockLayout, resolve_blocks, unwrap_model
 from ..problem.loss import check_loss_value, make_loss_spec
-from .hvp import _ClosureModule
+from .base import _ClosureModule
 
 __all__ = ["exact_hessian", "exact_block_traces", "block_slices"]
 

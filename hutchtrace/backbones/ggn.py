@@ -53,8 +53,8 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from ..core.errors import LossError
-from ..problem.loss import MeanSquared, BatchClosure, call_model, check_loss_value
-from .hvp import HVPBackbone, _ClosureModule, _no_dependence_error, register_backbone
+from ..problem.loss import BatchClosure, MeanSquared, call_model, check_loss_value
+from .base import HVPBackbone, _ClosureModule, _no_dependence_error, register_backbone
 
 __all__ = ["GGN_NEEDS_CRITERION", "GGNProduct", "output_hessian"]
 

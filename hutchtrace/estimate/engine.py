@@ -15,7 +15,7 @@ restricted to group ``g`` of a :class:`~hutchtrace.estimate.probing.ProbePlan`. 
   whose rows are written into a flat ``(R, P)`` product buffer), one fused reduction giving
   ``z_b . w_b`` and ``||w_b||^2`` for every block, then the sinks, once per chunk. Nothing
   in the loop synchronises with the host, except the timing of the ``auto`` backbone
-  choice on the first chunks (:class:`_AutoTrials`; its rules are in :mod:`hutchtrace.backbones.hvp`).
+  choice on the first chunks (:class:`_AutoTrials`; its rules are in :mod:`hutchtrace.backbones.auto`).
 * every row of a run is delivered to the sinks exactly once per batch: a backbone that fails
   hands its rows back, and :class:`_Ledger` checks the count at the end of every batch (a
   violation is a hutchtrace bug and raises).
@@ -47,23 +47,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backbones.hvp import (
+from ..backbones.auto import (
     CHALLENGE_ABORT,
     CHALLENGE_FACTOR,
     CHALLENGE_MIN_SECONDS,
     AutoHVP,
-    HVPBackbone,
     Stopwatch,
     Timing,
     agreement,
     agreement_tol,
-    backbone_family,
-    backbones_for,
     family_wide,
     forward_mode_initialised,
-    is_batched,
-    make_backbone,
 )
+from ..backbones.base import HVPBackbone, backbone_family, backbones_for, is_batched, make_backbone
 from ..core.errors import HVPUnsupportedError
 from ..core.progress import Progress
 from ..core.state import ForwardRNG
@@ -704,7 +700,7 @@ class ProbeRunner:
 
 
 class _AutoTrials:
-    """One backbone decision of ``hvp="auto"`` on real rows of a batch (rules: :mod:`hutchtrace.backbones.hvp`).
+    """One backbone decision of ``hvp="auto"`` on real rows of a batch (rules: :mod:`hutchtrace.backbones.auto`).
 
     Every product it computes for a row of the call is delivered once, by a backbone of the
     reference family or one that agreed with it on the comparison probe; a backbone that

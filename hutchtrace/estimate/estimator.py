@@ -215,7 +215,7 @@ def block_traces(
         seed: probe seed (int in [0, 2^63)); ``None`` draws one from OS entropy through a
             private generator and records it in ``result.meta["seed"]``.
         hvp: ``"auto"``, ``"reverse"``, ``"reverse-batched"``, ``"forward"`` or
-            ``"forward-vmap"`` (see :mod:`hutchtrace.backbones.hvp`).
+            ``"forward-vmap"`` (see :mod:`hutchtrace.backbones.base`).
         probing: ``"global"`` (one HVP per probe for all blocks; the seed paper's method),
             ``"isolated"`` (one HVP per block per probe; no cross-block variance),
             ``"colored"`` (G groups of weakly coupled blocks), ``"auto"`` (a pilot of

@@ -225,7 +225,7 @@ def decompose(
         seed: probe seed (the probes are exactly those of ``block_traces`` with the same
             seed, so ``result.hessian`` equals ``block_traces(..., seed=seed).samples``).
         probe: ``"rademacher"`` or ``"gaussian"``.
-        hvp: Hessian backbone (``"auto"`` or a name from :mod:`hutchtrace.backbones.hvp`).
+        hvp: Hessian backbone (``"auto"`` or a name registered in :mod:`hutchtrace.backbones.base`).
         ggn: GGN backbone (``"auto"``, ``"ggn"`` or ``"ggn-vmap"``).
         level: confidence level of the intervals.
         probe_batch: probes per batched product (default: from ``max_memory``).

@@ -19,7 +19,7 @@ from helpers import assert_close_rel, exact_samples, probe_matrix
 from torch import nn
 
 import hutchtrace
-from hutchtrace.backbones import hvp as hvp_mod
+from hutchtrace.backbones import auto as auto_mod
 from hutchtrace.backbones.exact import exact_hessian
 from hutchtrace.core.errors import HVPUnsupportedError
 
@@ -60,7 +60,7 @@ def xy():
 
 @pytest.fixture(autouse=True)
 def fresh_cache(monkeypatch):
-    hvp_mod._AUTO_CACHE.clear()
+    auto_mod._AUTO_CACHE.clear()
     # as if torch.func were initialised: auto then times forward mode on calls this short
     monkeypatch.setattr("hutchtrace.estimate.engine.forward_mode_initialised", lambda: True)
     yield

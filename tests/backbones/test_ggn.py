@@ -10,9 +10,9 @@ from helpers import assert_same_snapshot, exact_samples, make_case, probe_matrix
 from torch import nn
 
 import hutchtrace
+from hutchtrace.backbones.base import backbones_for
 from hutchtrace.backbones.exact import exact_hessian
 from hutchtrace.backbones.ggn import GGNProduct, output_hessian
-from hutchtrace.backbones.hvp import backbones_for
 from hutchtrace.core.errors import LossError
 from hutchtrace.core.state import ForwardRNG, PreservedState
 from hutchtrace.problem.loss import make_loss_spec

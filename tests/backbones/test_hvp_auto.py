@@ -26,9 +26,12 @@ from torch import nn
 
 import hutchtrace
 from hutchtrace import zoo
-from hutchtrace.backbones import hvp as hvp_mod
+from hutchtrace.backbones import auto as auto_mod
+from hutchtrace.backbones.auto import MARGIN, AutoHVP, Timing
+from hutchtrace.backbones.base import backbones_for
 from hutchtrace.backbones.exact import exact_hessian
-from hutchtrace.backbones.hvp import MARGIN, AutoHVP, ForwardHVP, ReverseHVP, Timing
+from hutchtrace.backbones.forward import ForwardHVP
+from hutchtrace.backbones.reverse import ReverseHVP
 from hutchtrace.core.errors import HVPUnsupportedError
 from hutchtrace.estimate import engine
 from hutchtrace.estimate.engine import _RowPool
@@ -36,12 +39,12 @@ from hutchtrace.estimate.engine import _RowPool
 
 @pytest.fixture(autouse=True)
 def fresh_cache(monkeypatch):
-    hvp_mod._AUTO_CACHE.clear()
+    auto_mod._AUTO_CACHE.clear()
     # as if torch.func had been initialised in this process (whether it has depends on the
     # tests run before): auto then times forward mode on calls as short as these
     monkeypatch.setattr(engine, "forward_mode_initialised", lambda: True)
     yield
-    hvp_mod._AUTO_CACHE.clear()
+    auto_mod._AUTO_CACHE.clear()
 
 
 class LegacyTanh(torch.autograd.Function):
@@ -269,7 +272,7 @@ def test_before_torch_func_is_initialised_only_a_long_call_times_forward_mode(mo
     model, crit, data = make_case("mlp")
     hutchtrace.block_traces(model, crit, K=256, data=data, seed=0, hvp="auto")
     assert prepared == []
-    hvp_mod._AUTO_CACHE.clear()
+    auto_mod._AUTO_CACHE.clear()
     monkeypatch.setattr(engine, "CHALLENGE_MIN_SECONDS", 0.0)  # as if the call were long
     hutchtrace.block_traces(model, crit, K=256, data=data, seed=0, hvp="auto")
     assert prepared == ["forward-vmap"]
@@ -280,7 +283,7 @@ def _timing(per_row, prep=0.0, chunk=8):
 
 
 def test_forward_needs_the_margin_in_both_measurements():
-    auto = AutoHVP(("rules",), hvp_mod.backbones_for("hessian"))
+    auto = AutoHVP(("rules",), backbones_for("hessian"))
     auto.record("reverse", _timing([1.0, 1.05]))
     auto.record("forward-vmap", _timing([0.7, 0.85]))  # 0.85 * 1.25 > 1.0: not clearly faster
     assert auto.choose(100) == "reverse"
@@ -291,15 +294,15 @@ def test_forward_needs_the_margin_in_both_measurements():
 
 
 def test_unstable_timings_are_not_cached():
-    auto = AutoHVP(("rules2",), hvp_mod.backbones_for("hessian"))
+    auto = AutoHVP(("rules2",), backbones_for("hessian"))
     auto.record("reverse", _timing([1.0, 1.0]))
     auto.record("forward-vmap", _timing([0.2, 0.6]))  # spread 3x > MARGIN
     assert auto.choose(100) == "forward-vmap"  # faster in both measurements: used by this call,
     assert not auto.store(challenged=True)  # but not cached
-    assert hvp_mod._AUTO_CACHE[("rules2",)]["timings"] == {}
+    assert auto_mod._AUTO_CACHE[("rules2",)]["timings"] == {}
     auto.record("forward-vmap", _timing([0.5, 0.5 * MARGIN * 0.99]))
     assert auto.store(challenged=True)
-    assert AutoHVP(("rules2",), hvp_mod.backbones_for("hessian")).cached_choice(100, want_challenge=True) \
+    assert AutoHVP(("rules2",), backbones_for("hessian")).cached_choice(100, want_challenge=True) \
         == "forward-vmap"
 
 
@@ -310,7 +313,7 @@ def test_a_cached_choice_is_revalidated_and_retimed_when_off(monkeypatch):
     model, crit, data = make_case("mlp")
     kw = dict(K=256, data=data, seed=0, hvp="auto", variance="sample")
     first = hutchtrace.block_traces(model, crit, **kw)
-    entry = next(iter(hvp_mod._AUTO_CACHE.values()))
+    entry = next(iter(auto_mod._AUTO_CACHE.values()))
     assert entry["timings"] and entry["challenged"] and not first.meta["hvp_timings"]["from_cache"]
     checked = []
     real_valid = AutoHVP.still_valid
@@ -392,7 +395,7 @@ def test_the_cache_keeps_no_frame_of_a_call_alive():
     m.w = w
     pts = torch.randn(5, 3, dtype=torch.float64)
     hutchtrace.block_traces(m, lambda mm: torch.cdist(mm.w, pts).pow(2).sum(), K=128, hvp="auto", seed=0)
-    entry = next(iter(hvp_mod._AUTO_CACHE.values()))
+    entry = next(iter(auto_mod._AUTO_CACHE.values()))
     assert entry["failed"] and all(e.__traceback__ is None for e in entry["failed"].values())
     ref = weakref.ref(m)
     del m, w
@@ -401,13 +404,13 @@ def test_the_cache_keeps_no_frame_of_a_call_alive():
 
 
 def test_the_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(hvp_mod, "_AUTO_CACHE_SIZE", 3)
+    monkeypatch.setattr(auto_mod, "_AUTO_CACHE_SIZE", 3)
     net = nn.Linear(3, 1).double()
     x = torch.ones(2, 3, dtype=torch.float64)
     losses = [lambda m: m(x).pow(2).sum() for _ in range(6)]  # kept alive: six distinct ids, six keys
     for loss in losses:
         hutchtrace.block_traces(net, loss, K=2, seed=0, hvp="auto")
-    assert len(hvp_mod._AUTO_CACHE) == 3
+    assert len(auto_mod._AUTO_CACHE) == 3
 
 
 def test_exact_hessian_default_is_the_symmetric_reference_on_padding_idx():

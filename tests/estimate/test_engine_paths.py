@@ -15,7 +15,7 @@ import torch
 
 import hutchtrace
 from hutchtrace import zoo
-from hutchtrace.backbones.hvp import ReverseHVP
+from hutchtrace.backbones.reverse import ReverseHVP
 from hutchtrace.core.state import ForwardRNG, PreservedState
 from hutchtrace.estimate.engine import ProbeRunner
 from hutchtrace.kernels import ops
