@@ -6,6 +6,8 @@ regenerate every published number in one command.
     python bench/run_cpu_suite.py --quick            # smoke run (minutes; numbers not meaningful; /tmp)
     python bench/run_cpu_suite.py --suites overhead,memory --publish
     python bench/run_cpu_suite.py --list             # the suites and what each writes
+    python bench/run_cpu_suite.py --suites probing_scale,foreign_models --publish   # opt-in suites (long)
+    python bench/run_cpu_suite.py --all --publish    # every published number (hours)
 
 Each suite runs in a subprocess (one intra-op thread unless ``HUTCHTRACE_BENCH_THREADS`` is
 set) and writes ``<out>/cpu_<suite>.{json,md}``; this script writes ``cpu_summary.{json,md}``
@@ -18,6 +20,10 @@ its core count, and every suite refuses to overwrite its committed results when 
 at its start or end was (:func:`models.write_results`); ``--allow-load`` overrides both and
 labels the results "measured under load". Superseded legacy result files are removed when
 the suite that replaces them is published.
+
+The opt-in suites (``auto_first_call``, ``probing_scale``, ``foreign_models``,
+``second_order_survey``, ``cuda_build_times``) take from 5 minutes to an hour each and run only
+when named or with ``--all``; they write their own results files (load recorded in them).
 
 The kernel suite (``bench/bench_kernels.py``, pytest-benchmark) and the GPU suite
 (``bench/gpu_suite.py``) have their own commands, see docs/kernels.md and docs/performance.md.
@@ -51,7 +57,20 @@ SUITES = {
     "cusum_arl0": (["bench/cusum_arl0.py"], 3, "cpu_cusum_arl0: simulated in-control ARL0 of CUSUMDetector (no timing)"),
     "probing_study": (["examples/probing_study.py", "--out", "{out}/probing_study.md", "{quick}"], 3,
                       "probing_study: exact per-block variances, HVP rows per scheme, K* (float64)"),
+    # the long ones: run only when named in --suites (or with --all)
+    "auto_first_call": (["-m", "pytest", "bench/bench_auto.py"], 5,
+                        "cpu_auto: hvp='auto' first-call cost against a fixed backbone"),
+    "probing_scale": (["bench/probing_scale.py", "--out", "{out}/probing_scale", "{quick}"], 60,
+                      "probing_scale: auto / colored vs global / isolated at L >= 100 blocks (HVP rows)"),
+    "foreign_models": (["bench/foreign_models.py", "--out", "{out}/foreign_models"], 30,
+                       "foreign_models: exactness, speed and auto on HF / torchvision / timm / PEFT models"),
+    "second_order_survey": (["bench/second_order_survey.py", "--out", "{out}/second_order_survey"], 45,
+                            "second_order_survey: which ops and models lack a second derivative"),
+    "cuda_build_times": (["bench/cuda_build_times.py", "--out", "{out}/cuda_build_times.json"], 15,
+                         "cuda_build_times: nvcc seconds per CUDA architecture of the wheel"),
 }
+#: not part of a plain run (each takes long, or, for the build times, measures nvcc, not hutchtrace)
+OPT_IN = ("auto_first_call", "probing_scale", "foreign_models", "second_order_survey", "cuda_build_times")
 PYTEST_ARGS = ["-q", "-s", "-p", "no:cacheprovider", "-c", "bench/pytest.ini", "--benchmark-disable"]
 # result files a suite's new results replace (removed when that suite is published)
 LEGACY = {"curvature": ["curvature_ratios.json"], "overhead": ["cpu_overhead_run1.json", "cpu_overhead_run1.md"]}
@@ -108,7 +127,9 @@ def targets_markdown(d: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suites", default=",".join(SUITES), help="comma-separated subset of: " + ", ".join(SUITES))
+    ap.add_argument("--suites", default=",".join(s for s in SUITES if s not in OPT_IN),
+                    help="comma-separated subset of: " + ", ".join(SUITES) + f" (default: all but {', '.join(OPT_IN)})")
+    ap.add_argument("--all", action="store_true", help="every suite, the long opt-in ones included (hours)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, results under /tmp")
     ap.add_argument("--publish", action="store_true", help="write bench/results/ and re-render the tables")
     ap.add_argument("--allow-load", action="store_true",
@@ -119,9 +140,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.list:
         for name, (_, minutes, what) in SUITES.items():
-            print(f"{name:<14} ~{minutes:>2} min  {what}")
+            print(f"{name:<20} ~{minutes:>2} min  {what}" + ("  [opt-in]" if name in OPT_IN else ""))
         return 0
-    suites = [x for x in args.suites.split(",") if x]
+    suites = list(SUITES) if args.all else [x for x in args.suites.split(",") if x]
     unknown = [x for x in suites if x not in SUITES]
     if unknown:
         ap.error(f"unknown suites {unknown}; choose from {', '.join(SUITES)}")
