@@ -97,12 +97,12 @@ def test_default_arch_list_of_the_installed_nvcc():
 def fake_gpu(monkeypatch):
     """A visible GPU of a chosen capability, an extension with CUDA kernels for 9.0+PTX."""
     state = {"capability": (8, 0), "name": "NVIDIA A100-SXM4-80GB"}
-    monkeypatch.setattr(_ext, "HAS_EXT", True)
-    monkeypatch.setattr(_ext, "cuda_compiled", lambda: True)
-    monkeypatch.setattr(_ext, "build_info", lambda: {"arch_list": "9.0+PTX", "cuda_sass": ["sm_90"],
+    monkeypatch.setattr(loader, "HAS_EXT", True)
+    monkeypatch.setattr(loader, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(loader, "build_info", lambda: {"arch_list": "9.0+PTX", "cuda_sass": ["sm_90"],
                                                      "cuda_ptx": ["compute_90"], "cuda_compiled": True})
-    monkeypatch.setattr(_ext, "_HAS_KERNEL", {})
-    monkeypatch.setattr(_ext, "_WARNED", set())
+    monkeypatch.setattr(loader, "_HAS_KERNEL", {})
+    monkeypatch.setattr(loader, "_WARNED", set())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -173,7 +173,7 @@ def test_header_constants_match_reference():
     philox = (ROOT / "csrc/include/hutchtrace/philox.h").read_text()
     for name in ["M0", "M1", "W0", "W1"]:
         lit = re.search(rf"kPhilox{name} = (0x[0-9A-F]+)u", philox).group(1)
-        assert int(lit, 16) == getattr(_reference, f"PHILOX_{name}"), name
+        assert int(lit, 16) == getattr(reference, f"PHILOX_{name}"), name
 
 
 def test_python_oracle_matches_known_philox_vector():

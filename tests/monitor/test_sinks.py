@@ -68,7 +68,7 @@ def test_sigkill_mid_run_leaves_a_valid_log(tmp_path):
     jsonl, csv = tmp_path / "run.jsonl", tmp_path / "run.csv"
     script = tmp_path / "writer.py"
     script.write_text(
-        WRITER.format(root=str(ROOT), tests=str(ROOT / "tests"), jsonl=str(jsonl), csv=str(csv))
+        WRITER.format(root=str(ROOT), tests=str(Path(__file__).resolve().parent), jsonl=str(jsonl), csv=str(csv))
     )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
