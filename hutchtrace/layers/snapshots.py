@@ -81,7 +81,7 @@ from ..core.errors import MemoryBudgetError
 from ..core.state import PreservedState
 from ..problem.blocks import unwrap_model
 from ..problem.loss import call_model
-from .local_hessian import (
+from .local_hessian.compute import (
     DegenerateLocalHessianWarning,
     _apply_phi,
     _capture,

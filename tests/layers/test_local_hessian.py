@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import hessian
 
 from hutchtrace.core.errors import BlockSpecError, HVPUnsupportedError, MemoryBudgetError
-from hutchtrace.layers.local_hessian import (
+from hutchtrace.layers.local_hessian.compute import (
     DegenerateLocalHessianWarning,
     LocalHessianError,
     capture_block_inputs,

@@ -98,7 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from ..core.errors import (
+from ...core.errors import (
     BlockSpecError,
     HutchtraceError,
     HVPUnsupportedError,
@@ -106,11 +106,11 @@ from ..core.errors import (
     NonFiniteWarning,
     is_second_order_failure,
 )
-from ..core.progress import Progress
-from ..core.state import PreservedState
-from ..estimate.engine import default_memory_budget
-from ..problem.blocks import unwrap_model
-from ..problem.loss import call_model
+from ...core.progress import Progress
+from ...core.state import PreservedState
+from ...estimate.engine import default_memory_budget
+from ...problem.blocks import unwrap_model
+from ...problem.loss import call_model
 
 __all__ = [
     "ACTIVATION_NAMES",
@@ -544,7 +544,7 @@ class LocalHessian:
 
     def summary(self, **kwargs):
         """:func:`hutchtrace.layers.spectrum.spectrum_summary` of this matrix (keyword args passed on)."""
-        from .spectrum import spectrum_summary
+        from ..spectrum import spectrum_summary
 
         return spectrum_summary(self, **kwargs)
 
