@@ -81,16 +81,11 @@ from ..core.errors import MemoryBudgetError
 from ..core.state import PreservedState
 from ..problem.blocks import unwrap_model
 from ..problem.loss import call_model
-from .local_hessian.compute import (
-    DegenerateLocalHessianWarning,
-    _apply_phi,
-    _capture,
-    _layer_and_name,
-    _local_hessian_at,
-    _phi_name,
-    _trainable,
-    resolve_activation,
-)
+from .local_hessian.activation import resolve_activation
+from .local_hessian.capture import capture_forward, layer_and_name, trainable_parameters
+from .local_hessian.compute import local_hessian_at
+from .local_hessian.errors import DegenerateLocalHessianWarning
+from .local_hessian.prepare import apply_phi, phi_label
 from .spectrum import spectrum_summary, vector_summary
 
 __all__ = ["INDEX", "META", "SnapshotRecorder", "load_arrays", "load_run"]
@@ -269,7 +264,7 @@ class SnapshotRecorder:
             ]
             if not layers:
                 raise ValueError("the model has no module with trainable parameters to record")
-        resolved = [_layer_and_name(self.model, layer) for layer in layers]
+        resolved = [layer_and_name(self.model, layer) for layer in layers]
         activations = dict(activations or {})
         unknown = set(activations) - {n for _, n in resolved}
         if unknown:
@@ -278,7 +273,7 @@ class SnapshotRecorder:
         self._mods: dict[str, nn.Module] = {}
         self._acts = {}
         for mod, name in resolved:
-            _trainable(mod, name)
+            trainable_parameters(mod, name)
             self.layers.append(name)
             self._mods[name] = mod
             self._acts[name] = resolve_activation(activations.get(name, "auto"), self.model, name)
@@ -288,7 +283,7 @@ class SnapshotRecorder:
                     "its local Hessian is undefined. Pass a differentiable one in activations="
                 )
         self.phi = phi
-        self._phi_name = _phi_name(phi)
+        self._phi_name = phi_label(phi)
         self.task = task
         self.budget = local_hessian_budget
         self.K = K
@@ -383,7 +378,7 @@ class SnapshotRecorder:
         record: dict[str, Any] = {"step": int(step), "time": t0}
         with PreservedState(model):
             model.eval()
-            caps, output = _capture(model, inputs, [self._mods[n] for n in self.layers])
+            caps, output = capture_forward(model, inputs, [self._mods[n] for n in self.layers])
             if train_loss is None and self.criterion is not None and targets is not None:
                 with torch.no_grad():
                     train_loss = float(self.criterion(output, targets))
@@ -437,7 +432,7 @@ class SnapshotRecorder:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DegenerateLocalHessianWarning)
             try:
-                lh = _local_hessian_at(
+                lh = local_hessian_at(
                     mod,
                     name,
                     args,
@@ -489,7 +484,7 @@ class SnapshotRecorder:
         phi = self.phi
 
         def S(model):
-            return _apply_phi(phi, act(model.get_submodule(name)(*args, **kwargs)))
+            return apply_phi(phi, act(model.get_submodule(name)(*args, **kwargs)))
 
         params = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad]
         blocks = {pn: [p] for pn, p in params}
