@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..spectrum import EigenvalueSource, SpectrumSummary, spectrum_summary
 from .budget import check_budget
 
 __all__ = ["LocalHessian"]
 
 
 @dataclass
-class LocalHessian:
+class LocalHessian(EigenvalueSource):
     """An exact local Hessian ``LH_i`` (docs/maths.md section 7).
 
     Attributes:
@@ -125,8 +126,6 @@ class LocalHessian:
         t = self.blocks if self.blocks is not None else self.matrix
         return float(t.diagonal(dim1=-2, dim2=-1).sum())
 
-    def summary(self, **kwargs):
+    def summary(self, **kwargs) -> SpectrumSummary:
         """:func:`hutchtrace.layers.spectrum.spectrum_summary` of this matrix (keyword args passed on)."""
-        from ..spectrum import spectrum_summary
-
         return spectrum_summary(self, **kwargs)
