@@ -116,6 +116,35 @@ def _matrix_rank(w: torch.Tensor) -> int:
     return int((s > tol).sum())
 
 
+def _resolve_layers(model: nn.Module, layers, activations):
+    """``(names, modules by name, activations by name)`` of the recorded layers, validated."""
+    if layers is None:
+        layers = [
+            n for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        if not layers:
+            raise ValueError("the model has no module with trainable parameters to record")
+    resolved = [layer_and_name(model, layer) for layer in layers]
+    activations = dict(activations or {})
+    unknown = set(activations) - {n for _, n in resolved}
+    if unknown:
+        raise ValueError(f"activations names layers that are not recorded: {sorted(unknown)}")
+    names: list[str] = []
+    mods: dict[str, nn.Module] = {}
+    acts = {}
+    for mod, name in resolved:
+        trainable_parameters(mod, name)
+        names.append(name)
+        mods[name] = mod
+        acts[name] = resolve_activation(activations.get(name, "auto"), model, name)
+        if acts[name].kind == "nondiff":
+            raise ValueError(
+                f"layer {name!r}: activation {acts[name].name!r} is non-differentiable; "
+                "its local Hessian is undefined. Pass a differentiable one in activations="
+            )
+    return names, mods, acts
+
+
 class SnapshotRecorder:
     """Record the seed's Appendix-A snapshot of chosen layers at chosen training steps.
 
@@ -182,32 +211,7 @@ class SnapshotRecorder:
                 f"local_hessian_budget must be a positive number of bytes, got {local_hessian_budget!r}"
             )
         self.model = unwrap_model(model)
-        if layers is None:
-            layers = [
-                n
-                for n, m in self.model.named_modules()
-                if any(p.requires_grad for p in m.parameters(recurse=False))
-            ]
-            if not layers:
-                raise ValueError("the model has no module with trainable parameters to record")
-        resolved = [layer_and_name(self.model, layer) for layer in layers]
-        activations = dict(activations or {})
-        unknown = set(activations) - {n for _, n in resolved}
-        if unknown:
-            raise ValueError(f"activations names layers that are not recorded: {sorted(unknown)}")
-        self.layers: list[str] = []
-        self._mods: dict[str, nn.Module] = {}
-        self._acts = {}
-        for mod, name in resolved:
-            trainable_parameters(mod, name)
-            self.layers.append(name)
-            self._mods[name] = mod
-            self._acts[name] = resolve_activation(activations.get(name, "auto"), self.model, name)
-            if self._acts[name].kind == "nondiff":
-                raise ValueError(
-                    f"layer {name!r}: activation {self._acts[name].name!r} is non-differentiable; "
-                    "its local Hessian is undefined. Pass a differentiable one in activations="
-                )
+        self.layers, self._mods, self._acts = _resolve_layers(self.model, layers, activations)
         self.phi = phi
         self._phi_name = phi_label(phi)
         self.task = task
@@ -228,6 +232,10 @@ class SnapshotRecorder:
             "top_peaks": top_peaks,
         }
         self.run_dir = os.fspath(run_dir)
+        self._open_run()
+
+    def _open_run(self) -> None:
+        """Create or resume the run directory: repair a torn index tail, write or check ``run.json``."""
         os.makedirs(self.run_dir, exist_ok=True)
         self.index_path = os.path.join(self.run_dir, INDEX)
         removed = repair_tail(self.index_path)
@@ -236,18 +244,18 @@ class SnapshotRecorder:
                 f"{self.index_path}: truncated a torn last line ({removed} bytes) left by an interrupted "
                 "run; that snapshot was lost",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         self._seq = count_lines(self.index_path)
         meta = {
             "layers": self.layers,
-            "task": task,
+            "task": self.task,
             "phi": self._phi_name,
             "activations": {n: a.name for n, a in self._acts.items()},
             "local_hessian_budget": self.budget,
-            "K": K,
-            "seed": seed,
-            "hessian_dtype": str(hessian_dtype),
+            "K": self.K,
+            "seed": self.seed,
+            "hessian_dtype": str(self.hessian_dtype),
             "summary": self._summ,
             "model": type(self.model).__name__,
             "num_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
