@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
     import pandas as pd
 
     from hutchtrace.layers.analysis import cca, snapshot_pca
-    from hutchtrace.layers.snapshots import load_arrays, load_run
+    from hutchtrace.layers.snapshot_store import load_arrays, load_run
 
     t0 = time.time()
     data = load_datasets(quick, args.seed)

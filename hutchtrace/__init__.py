@@ -32,7 +32,8 @@ from .layers.local_hessian import (
     local_hessian,
     local_hessian_rows,
 )
-from .layers.snapshots import SnapshotRecorder, load_arrays, load_run
+from .layers.snapshot_store import load_arrays, load_run
+from .layers.snapshots import SnapshotRecorder
 from .layers.spectrum import SpectrumSummary, VectorSummary, spectrum_summary, vector_summary
 from .monitor.cusum import Alarm, CUSUMDetector
 from .monitor.monitor import Monitor

@@ -5,9 +5,10 @@
 * ``weights``, ``bias``, ``gradient``, ``bias_gradient`` (the arrays) and their statistics
   (:func:`~hutchtrace.layers.spectrum.vector_summary`: mean, std, min, max, norm, histogram, Welch
   PSD, top peaks), plus the numerical rank of the weight matrix;
-* the local Hessian ``LH_i`` (:func:`~hutchtrace.layers.local_hessian.local_hessian`, SPEC section 7)
-  when it fits ``local_hessian_budget``: its eigenvalues and their statistics, trace, rank,
-  condition number, determinant / pseudo-determinant (:func:`~hutchtrace.layers.spectrum.spectrum_summary`);
+* the local Hessian ``LH_i`` (:func:`~hutchtrace.layers.local_hessian.local_hessian`,
+  docs/maths.md section 7) when it fits ``local_hessian_budget``: its eigenvalues and their
+  statistics, trace, rank, condition number, determinant / pseudo-determinant
+  (:func:`~hutchtrace.layers.spectrum.spectrum_summary`);
 * when it does not fit: Hutchinson estimates of ``tr LH_i`` per parameter tensor, with
   standard errors, from :func:`hutchtrace.block_traces` applied to the closure
   ``model -> phi(A_i(layer(z_i)))`` (the same object, so the trace series is continuous
@@ -35,21 +36,10 @@ Everything is evaluated in eval mode on the ``inputs`` given to :meth:`record` (
 evaluation batch makes snapshots comparable: ``LH_i`` depends on the batch, and its rank is
 at most ``m min(N, n+1)``); the model's state, modes, gradients and RNG are left as they were.
 
-Storage (a run directory, safe against a killed process):
-
-.. code-block:: text
-
-    run_dir/run.json                    written once (atomically): layers, task, settings
-    run_dir/index.jsonl                 append-only; one JSON line per snapshot (scalars)
-    run_dir/snap_<step>_<seq>.npz       np.savez_compressed arrays of that snapshot
-
-Each snapshot's arrays are written to a temporary file, fsynced and renamed into place
-(``os.replace``); only then is its index line appended, flushed and fsynced. A complete index
-line therefore always points to a complete array file, and a process killed at any moment
-loses at most the snapshot in flight: a torn last line is skipped by :func:`load_run` (with a
-warning) and truncated away when a recorder reopens the directory; stray temporary files are
-ignored. Re-recording a step (after resuming from a checkpoint) appends a new line;
-:func:`load_run` keeps the last one per step.
+Storage: a run directory written so that a killed process loses at most the snapshot in
+flight (``run.json``, an fsynced append-only ``index.jsonl``, one atomically written ``.npz``
+per snapshot), read back by :func:`~hutchtrace.layers.snapshot_store.load_run` and
+:func:`~hutchtrace.layers.snapshot_store.load_arrays`; see :mod:`hutchtrace.layers.snapshot_store`.
 
 Example:
     >>> import tempfile, torch
@@ -59,7 +49,7 @@ Example:
     >>> loss = torch.nn.functional.cross_entropy(net(x), y); loss.backward()
     >>> rec.record(0, x, y, train_loss=loss.item())["layers"]["0"]["hessian"]["rank"]   # 8 * min(32, 4 + 1)
     40
-    >>> frame = load_run(rec.run_dir)           # doctest: +SKIP
+    >>> frame = hutchtrace.load_run(rec.run_dir)           # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -67,7 +57,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -79,24 +68,29 @@ from torch import nn
 
 from ..core.errors import MemoryBudgetError
 from ..core.state import PreservedState
+from ..estimate.estimator import block_traces
 from ..problem.blocks import unwrap_model
 from ..problem.loss import call_model
-from .local_hessian import (
-    DegenerateLocalHessianWarning,
-    _apply_phi,
-    _capture,
-    _layer_and_name,
-    _local_hessian_at,
-    _phi_name,
-    _trainable,
-    resolve_activation,
+from .local_hessian.activation import resolve_activation
+from .local_hessian.capture import capture_forward, layer_and_name, trainable_parameters
+from .local_hessian.compute import local_hessian_at
+from .local_hessian.errors import DegenerateLocalHessianWarning
+from .local_hessian.prepare import apply_phi, phi_label
+from .snapshot_store import (
+    INDEX,
+    META,
+    append_line,
+    count_lines,
+    jsonable,
+    read_meta,
+    repair_tail,
+    write_arrays_atomic,
+    write_json_atomic,
 )
 from .spectrum import spectrum_summary, vector_summary
 
-__all__ = ["INDEX", "META", "SnapshotRecorder", "load_arrays", "load_run"]
+__all__ = ["SnapshotRecorder"]
 
-INDEX = "index.jsonl"
-META = "run.json"
 TASKS = ("classification", "regression", None)
 _FIELD = {"weight": ("weights", "gradient"), "bias": ("bias", "bias_gradient")}
 
@@ -112,79 +106,6 @@ def _require_sklearn():
     return skm
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_arrays_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez_compressed`` into a temp file in the same directory, fsync, then ``os.replace``."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-
-
-def _append_line(path: str, text: str) -> None:
-    """Append one line, flush and fsync: after a return the line survives a crash."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _repair_tail(path: str) -> int:
-    """Truncate a torn last line (no trailing newline); returns the bytes removed."""
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb+") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if size == 0:
-            return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return 0
-        f.seek(0)
-        data = f.read()
-        keep = data.rfind(b"\n") + 1
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-        return size - keep
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 def _matrix_rank(w: torch.Tensor) -> int:
     """Numerical rank of a weight reshaped to ``(out, -1)``: ``#{s > max(s) max(shape) eps}``."""
     m = w.detach().reshape(w.shape[0], -1).double().cpu()
@@ -193,6 +114,35 @@ def _matrix_rank(w: torch.Tensor) -> int:
         return 0
     tol = float(s.max()) * max(m.shape) * torch.finfo(torch.float64).eps
     return int((s > tol).sum())
+
+
+def _resolve_layers(model: nn.Module, layers, activations):
+    """``(names, modules by name, activations by name)`` of the recorded layers, validated."""
+    if layers is None:
+        layers = [
+            n for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        if not layers:
+            raise ValueError("the model has no module with trainable parameters to record")
+    resolved = [layer_and_name(model, layer) for layer in layers]
+    activations = dict(activations or {})
+    unknown = set(activations) - {n for _, n in resolved}
+    if unknown:
+        raise ValueError(f"activations names layers that are not recorded: {sorted(unknown)}")
+    names: list[str] = []
+    mods: dict[str, nn.Module] = {}
+    acts = {}
+    for mod, name in resolved:
+        trainable_parameters(mod, name)
+        names.append(name)
+        mods[name] = mod
+        acts[name] = resolve_activation(activations.get(name, "auto"), model, name)
+        if acts[name].kind == "nondiff":
+            raise ValueError(
+                f"layer {name!r}: activation {acts[name].name!r} is non-differentiable; "
+                "its local Hessian is undefined. Pass a differentiable one in activations="
+            )
+    return names, mods, acts
 
 
 class SnapshotRecorder:
@@ -261,34 +211,9 @@ class SnapshotRecorder:
                 f"local_hessian_budget must be a positive number of bytes, got {local_hessian_budget!r}"
             )
         self.model = unwrap_model(model)
-        if layers is None:
-            layers = [
-                n
-                for n, m in self.model.named_modules()
-                if any(p.requires_grad for p in m.parameters(recurse=False))
-            ]
-            if not layers:
-                raise ValueError("the model has no module with trainable parameters to record")
-        resolved = [_layer_and_name(self.model, layer) for layer in layers]
-        activations = dict(activations or {})
-        unknown = set(activations) - {n for _, n in resolved}
-        if unknown:
-            raise ValueError(f"activations names layers that are not recorded: {sorted(unknown)}")
-        self.layers: list[str] = []
-        self._mods: dict[str, nn.Module] = {}
-        self._acts = {}
-        for mod, name in resolved:
-            _trainable(mod, name)
-            self.layers.append(name)
-            self._mods[name] = mod
-            self._acts[name] = resolve_activation(activations.get(name, "auto"), self.model, name)
-            if self._acts[name].kind == "nondiff":
-                raise ValueError(
-                    f"layer {name!r}: activation {self._acts[name].name!r} is non-differentiable; "
-                    "its local Hessian is undefined. Pass a differentiable one in activations="
-                )
+        self.layers, self._mods, self._acts = _resolve_layers(self.model, layers, activations)
         self.phi = phi
-        self._phi_name = _phi_name(phi)
+        self._phi_name = phi_label(phi)
         self.task = task
         self.budget = local_hessian_budget
         self.K = K
@@ -307,47 +232,42 @@ class SnapshotRecorder:
             "top_peaks": top_peaks,
         }
         self.run_dir = os.fspath(run_dir)
+        self._open_run()
+
+    def _open_run(self) -> None:
+        """Create or resume the run directory: repair a torn index tail, write or check ``run.json``."""
         os.makedirs(self.run_dir, exist_ok=True)
         self.index_path = os.path.join(self.run_dir, INDEX)
-        removed = _repair_tail(self.index_path)
+        removed = repair_tail(self.index_path)
         if removed:
             warnings.warn(
                 f"{self.index_path}: truncated a torn last line ({removed} bytes) left by an interrupted "
                 "run; that snapshot was lost",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        self._seq = _count_lines(self.index_path)
+        self._seq = count_lines(self.index_path)
         meta = {
             "layers": self.layers,
-            "task": task,
+            "task": self.task,
             "phi": self._phi_name,
             "activations": {n: a.name for n, a in self._acts.items()},
             "local_hessian_budget": self.budget,
-            "K": K,
-            "seed": seed,
-            "hessian_dtype": str(hessian_dtype),
+            "K": self.K,
+            "seed": self.seed,
+            "hessian_dtype": str(self.hessian_dtype),
             "summary": self._summ,
             "model": type(self.model).__name__,
             "num_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
-        meta_path = os.path.join(self.run_dir, META)
-        if os.path.exists(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                old = json.load(f)
-            if old.get("layers") != self.layers:
-                raise ValueError(
-                    f"{self.run_dir} holds a run recording layers {old.get('layers')}, not "
-                    f"{self.layers}; use a new run directory"
-                )
-        else:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=self.run_dir)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(_jsonable(meta), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, meta_path)
-            _fsync_dir(self.run_dir)
+        old = read_meta(self.run_dir)
+        if old is None:
+            write_json_atomic(os.path.join(self.run_dir, META), meta)
+        elif old.get("layers") != self.layers:
+            raise ValueError(
+                f"{self.run_dir} holds a run recording layers {old.get('layers')}, not "
+                f"{self.layers}; use a new run directory"
+            )
 
     # ---------------------------------------------------------------------------------------
 
@@ -383,7 +303,7 @@ class SnapshotRecorder:
         record: dict[str, Any] = {"step": int(step), "time": t0}
         with PreservedState(model):
             model.eval()
-            caps, output = _capture(model, inputs, [self._mods[n] for n in self.layers])
+            caps, output = capture_forward(model, inputs, [self._mods[n] for n in self.layers])
             if train_loss is None and self.criterion is not None and targets is not None:
                 with torch.no_grad():
                     train_loss = float(self.criterion(output, targets))
@@ -403,8 +323,8 @@ class SnapshotRecorder:
         record["seconds"] = time.time() - t0
         fname = f"snap_{int(step):08d}_{self._seq:05d}.npz"
         record["file"] = fname
-        _write_arrays_atomic(os.path.join(self.run_dir, fname), arrays)
-        _append_line(self.index_path, json.dumps(_jsonable(record)))
+        write_arrays_atomic(os.path.join(self.run_dir, fname), arrays)
+        append_line(self.index_path, json.dumps(jsonable(record)))
         self._seq += 1
         return record
 
@@ -437,7 +357,7 @@ class SnapshotRecorder:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DegenerateLocalHessianWarning)
             try:
-                lh = _local_hessian_at(
+                lh = local_hessian_at(
                     mod,
                     name,
                     args,
@@ -484,12 +404,10 @@ class SnapshotRecorder:
         return info
 
     def _estimate(self, step, name, mod, act, args, kwargs, why: str) -> dict:
-        from ..estimate.estimator import block_traces
-
         phi = self.phi
 
         def S(model):
-            return _apply_phi(phi, act(model.get_submodule(name)(*args, **kwargs)))
+            return apply_phi(phi, act(model.get_submodule(name)(*args, **kwargs)))
 
         params = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad]
         blocks = {pn: [p] for pn, p in params}
@@ -516,13 +434,6 @@ class SnapshotRecorder:
             info[f"trace_{b.name}"] = b.mean
             info[f"trace_{b.name}_se"] = b.se
         return info
-
-
-def _count_lines(path: str) -> int:
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 def _scores(task: str, output, targets) -> dict[str, float]:
@@ -564,75 +475,3 @@ def _scores(task: str, output, targets) -> dict[str, float]:
     except ValueError:  # a class absent from this batch: AUC undefined
         scores["auc"] = math.nan
     return scores
-
-
-# --------------------------------------------------------------------------------------------
-# loading
-
-
-def _read_index(run_dir: str) -> list[dict]:
-    path = os.path.join(os.fspath(run_dir), INDEX)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {run_dir!r} is not a SnapshotRecorder run directory")
-    with open(path, "rb") as f:
-        raw = f.read()
-    lines = raw.split(b"\n")
-    records, bad = [], []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            bad.append(i + 1)
-            continue
-        if not os.path.exists(os.path.join(os.fspath(run_dir), rec.get("file", ""))):
-            bad.append(i + 1)
-            continue
-        records.append(rec)
-    if bad:
-        warnings.warn(
-            f"{path}: skipped {len(bad)} incomplete snapshot line(s) {bad[:5]} (an interrupted write); "
-            "every other snapshot is intact",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    last: dict[int, dict] = {}
-    for rec in records:  # a re-recorded step (resumed run) supersedes the earlier line
-        last[rec["step"]] = rec
-    return sorted(last.values(), key=lambda r: r["step"])
-
-
-def load_run(run_dir):
-    """The run's snapshots as a ``pandas.DataFrame``, one row per step (ascending).
-
-    Columns are the index records flattened with ``/``: ``step``, ``train_loss``,
-    ``scores/accuracy``, ``layers/<layer>/weights/mean``, ``layers/<layer>/hessian/rank``,
-    ``layers/<layer>/hessian/eig_psd_max``, ... and ``file`` (the arrays; see
-    :func:`load_arrays`). ``frame.attrs`` holds ``run_dir`` and the run's ``meta``.
-    Torn or orphaned index lines from an interrupted run are skipped with a warning.
-    """
-    try:
-        import pandas as pd
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("load_run needs pandas: pip install pandas") from e
-    records = _read_index(run_dir)
-    frame = pd.json_normalize(records, sep="/") if records else pd.DataFrame(columns=["step", "file"])
-    meta_path = os.path.join(os.fspath(run_dir), META)
-    meta = {}
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    frame.attrs["run_dir"] = os.fspath(run_dir)
-    frame.attrs["meta"] = meta
-    return frame.reset_index(drop=True)
-
-
-def load_arrays(run_dir, step: int) -> dict[str, np.ndarray]:
-    """The arrays of the snapshot at ``step``: ``layers/<layer>/weights``, ``.../gradient``,
-    ``.../hessian_eigens``, ``.../weights_welch_psd``, ... (keys as stored)."""
-    for rec in _read_index(run_dir):
-        if rec["step"] == int(step):
-            with np.load(os.path.join(os.fspath(run_dir), rec["file"])) as z:
-                return {k: z[k] for k in z.files}
-    raise KeyError(f"no snapshot at step {step} in {run_dir}")

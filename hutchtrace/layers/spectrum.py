@@ -1,7 +1,8 @@
-"""Spectral summaries of local Hessians, weights and gradients (SPEC section 7; seed Appendix A).
+"""Spectral summaries of local Hessians, weights and gradients (docs/maths.md section 7; seed Appendix A).
 
-:func:`spectrum_summary` takes a symmetric matrix, its eigenvalues or a
-:class:`~hutchtrace.layers.local_hessian.LocalHessian` and returns (SPEC section 7):
+:func:`spectrum_summary` takes a symmetric matrix, its eigenvalues or an
+:class:`EigenvalueSource` (a :class:`~hutchtrace.layers.local_hessian.LocalHessian`, whose
+unit blocks are diagonalised separately) and returns (docs/maths.md section 7):
 
 .. code-block:: text
 
@@ -15,9 +16,10 @@
     cond   = max|lambda| / min_{|lambda|>tol} |lambda|   (on the non-zero spectrum; inf when rank 0)
 
 ``torch.linalg.slogdet`` is never used: on an exactly singular LH it returns rounding noise
-(sign -1, log|det| = -905 in SPEC's check). ``LH_i`` is singular whenever the batch is smaller
-than the fan-in plus one (rank <= m min(N, n+1)); its determinant is then 0 and the
-pseudo-determinant is what carries information, labelled as such by :attr:`SpectrumSummary.det_kind`.
+(e.g. sign -1, log|det| = -905, a finite value where the truth is -inf). ``LH_i`` is singular
+whenever the batch is smaller than the fan-in plus one (rank <= m min(N, n+1)); its
+determinant is then 0 and the pseudo-determinant is what carries information, labelled as
+such by :attr:`SpectrumSummary.det_kind`.
 
 Both summaries also carry the seed's distribution statistics of the values (Appendix A):
 mean, std (population, ``ddof=0``), min, max, a histogram (``numpy.histogram``), the Welch
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +48,27 @@ import numpy as np
 
 from ..core.errors import NonFiniteWarning
 
-__all__ = ["SpectrumSummary", "VectorSummary", "spectrum_summary", "vector_summary"]
+__all__ = ["EigenvalueSource", "SpectrumSummary", "VectorSummary", "spectrum_summary", "vector_summary"]
 
 WELCH_NPERSEG = 256
 WELCH_NOVERLAP = 128
 WINDOW = "hann"
+
+
+class EigenvalueSource(ABC):
+    """A symmetric ``P x P`` matrix that computes its own eigenvalues (e.g. from a block-diagonal form).
+
+    :func:`spectrum_summary` takes such an object as it is, without forming the matrix: it
+    reads :meth:`eigenvalues` (a tensor; ``eps`` is that tensor's dtype's) and ``P`` from
+    :attr:`numel`. :class:`~hutchtrace.layers.local_hessian.LocalHessian` is one; the
+    interface lives here so that the summaries need not know the types built on them.
+    """
+
+    numel: int  # P, the matrix's size
+
+    @abstractmethod
+    def eigenvalues(self):
+        """All ``P`` eigenvalues, ascending, as a torch tensor."""
 
 
 @dataclass
@@ -123,7 +142,7 @@ class VectorSummary:
 
 @dataclass
 class SpectrumSummary:
-    """Eigen-statistics of a symmetric matrix (SPEC section 7) plus :class:`VectorSummary` of its spectrum.
+    """Eigen-statistics of a symmetric matrix (docs/maths.md section 7) plus :class:`VectorSummary` of its spectrum.
 
     Attributes:
         eigenvalues: ascending float64 array; size: ``P``.
@@ -315,9 +334,7 @@ def vector_summary(
 
 def _eigenvalues(obj) -> tuple[np.ndarray, int, float]:
     """``(ascending float64 eigenvalues, P, eps of the input dtype)``."""
-    from .local_hessian import LocalHessian
-
-    if isinstance(obj, LocalHessian):
+    if isinstance(obj, EigenvalueSource):
         ev = obj.eigenvalues()
         import torch
 
@@ -392,8 +409,9 @@ def spectrum_summary(
 
     Args:
         matrix_or_eigenvalues: a symmetric ``(P, P)`` tensor/array, a 1-D array of its
-            eigenvalues, or a :class:`~hutchtrace.layers.local_hessian.LocalHessian` (its unit blocks
-            are diagonalised separately when block-diagonal).
+            eigenvalues, or an :class:`EigenvalueSource` such as a
+            :class:`~hutchtrace.layers.local_hessian.LocalHessian` (its unit blocks are
+            diagonalised separately when block-diagonal).
         tol: rank tolerance; default ``max|lambda| * P * eps`` with ``eps`` of the input dtype
             (``float64`` for lists).
         bins, welch_nperseg, welch_noverlap, window, top_peaks: as in :func:`vector_summary`.

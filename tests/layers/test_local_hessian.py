@@ -21,10 +21,10 @@ from hutchtrace.core.errors import BlockSpecError, HVPUnsupportedError, MemoryBu
 from hutchtrace.layers.local_hessian import (
     DegenerateLocalHessianWarning,
     LocalHessianError,
-    capture_block_inputs,
     local_hessian,
     local_hessian_rows,
 )
+from hutchtrace.layers.local_hessian.capture import capture_block_inputs
 
 DT = torch.float64
 TOL = 1e-12

@@ -21,7 +21,8 @@ from torch import nn
 
 from hutchtrace.core.errors import BlockSpecError
 from hutchtrace.layers.local_hessian import local_hessian
-from hutchtrace.layers.snapshots import INDEX, SnapshotRecorder, load_arrays, load_run
+from hutchtrace.layers.snapshot_store import INDEX, load_arrays, load_run
+from hutchtrace.layers.snapshots import SnapshotRecorder
 
 REPO = Path(__file__).resolve().parents[2]
 DT = torch.float64
@@ -188,7 +189,7 @@ def torn(path, text):  # the kill lands in the middle of the index append
     open({ready!r}, "w").close()
     time.sleep(120)
 
-hs._append_line = torn
+hs.append_line = torn
 rec.record(2, x)
 """
 
