@@ -1,7 +1,7 @@
-"""Page CUSUM change detection on per-block trace series (SPEC section 9).
+"""Calibrated Page CUSUM change detection on per-block trace series (docs/maths.md section 9).
 
 Each monitored series ``x_t`` (one per block) is a trace estimate with standard error
-``SE_t``. The detector standardises it against an in-control model and accumulates
+``SE_t``. :class:`CUSUMDetector` standardises it against an in-control model and accumulates
 
 .. math::
 
@@ -9,81 +9,34 @@ Each monitored series ``x_t`` (one per block) is a trace estimate with standard 
     S^+_t = \\max(0, S^+_{t-1} + y_t - k),\\qquad
     S^-_t = \\max(0, S^-_{t-1} - y_t - k),
 
-and raises an alarm at the first ``t`` with ``S^+_t > h`` ("up") or ``S^-_t > h``
-("down"); both statistics of that series are then reset to 0. ``k = delta/2`` targets a
-shift of ``delta`` standard deviations (default ``k = 0.5``: a 1-sigma shift).
+and raises an :class:`Alarm` at the first ``t`` with ``S^+_t > h`` ("up") or ``S^-_t > h``
+("down"); both statistics of that series are then reset to 0. A non-finite value is never
+fed to the statistics; it raises an alarm with ``direction="nonfinite"``.
 
-**In-control variance.** ``sigma_t^2 = c^2 v (sigma_proc^2 + SE_t^2)`` where
+The pieces, one module each:
 
-* ``sigma_proc^2 = max(0, s_x^2 - mean(SE_t^2))`` over the warm-up: the between-batch
-  variance ``Var_B tau`` (SPEC section 3) plus genuine step-to-step variation. Using the
-  probe noise ``SE_t`` alone would ignore the batch floor and collapse the in-control ARL
-  (SPEC section 9: target 1000, measured 395 / 100 / 44).
-* ``v = 2/(2 - lambda)`` when the baseline is an EWMA with weight ``lambda``: the residual
-  ``x_t - m_{t-1}`` also carries the baseline's own noise, ``Var m = sigma^2 lambda/(2-lambda)``.
+* :mod:`~hutchtrace.monitor.cusum_reference`: the in-control model fitted on the warm-up:
+  level (mean, or a straight line with a moving baseline), process variance
+  ``sigma_proc^2 = max(0, s_x^2 - mean SE_t^2)`` so the between-batch floor counts, the
+  lag-1 autocorrelation and what is done about it (``autocorr``: whiten / inflate / warn).
+* :mod:`~hutchtrace.monitor.cusum_recursion`: the vectorised recursion, the whitening step
+  and the EWMA baseline frozen while the statistic is up (``halflife``, ``freeze``).
+* :mod:`~hutchtrace.monitor.cusum_arl`: Siegmund's ARL and the threshold ``h`` for a target
+  in-control ARL (``arl0=``; ``k = 0.5``, ARL0 1000 -> ``h = 5.063``).
+* :mod:`~hutchtrace.monitor.cusum_simulation`: the threshold for a false-alarm probability
+  ``alpha`` over ``horizon`` measurements, simulated with this detector's own update code
+  and, with ``account_warmup=True``, its own warm-up estimation.
 
-**Autocorrelation.** Positive lag-1 autocorrelation makes CUSUM sums wander further than
-independent increments do (SPEC: rho = 0.3 / 0.6 gives ARL0 206 / 87 for a target of
-1000). The warm-up residuals' lag-1 autocorrelation ``rho`` is estimated; when it is
-significant (``rho > 2/sqrt(n0)``, one-sided: negative correlation only makes CUSUM
-conservative) the detector, by ``autocorr``:
-
-* ``"whiten"`` (default): runs on the AR(1) prediction residuals of the standardised series,
-  ``y_t = (u_t - rho u_{t-1}) / sqrt(1 - rho^2)``, ``u_t = (x_t - m_{t-1})/sigma_t``, which
-  are independent with unit variance if the series is AR(1), so the ARL0 calibration holds.
-  A sustained shift ``delta`` appears in ``y`` as ``delta sqrt((1 - rho)/(1 + rho))``.
-* ``"inflate"``: multiplies the scale by ``c = sqrt((1 + rho)/(1 - rho))`` (the AR(1)
-  long-run sd). Same sensitivity to a sustained shift, but *conservative*: measured ARL0
-  for a target of 1000 was about 4100 at rho = 0.3 and 14000 at rho = 0.6 (mean over 2000
-  paths, n0 = 300), because the in-control increments then have variance ``1/c^2 < 1``.
-* ``"warn"``: warns and changes nothing; ``"ignore"``: only records ``rho``.
-
-``rho`` is capped at 0.9.
-
-**Detrending.** Training curves drift. With ``halflife`` set, the reference level
-``m_t`` is a long-horizon EWMA, ``m_t = m_{t-1} + lambda (x_t - m_{t-1})``,
-``lambda = 1 - 2^{-1/halflife}``, *frozen while the CUSUM statistic is up* so a developing
-change is not absorbed into the baseline: frozen while ``max(S+, S-) > freeze * h``.
-During the warm-up a straight line is fitted; its residuals give ``s_x^2`` and ``rho`` and
-the baseline starts at the fitted end value. Without ``halflife`` the reference is the
-warm-up mean ``mu0`` (classic CUSUM). A linear drift of slope ``beta`` per measurement
-leaves a lag bias ``beta (1 - lambda)/lambda`` in the EWMA residuals: pick ``halflife``
-short compared with the time over which the in-control curve bends.
-
-``freeze=0`` is SPEC section 9's literal "frozen while S > 0"; the default ``freeze=0.5``
-keeps tracking through ordinary in-control wiggles. Measured in-control ARL0 (known model,
-target 1000, 1500 paths, MC se ~2.3 %): ``freeze=0``: 739 / 826 (one- / two-sided,
-halflife 20), 841 / 950 (halflife 50); ``freeze=0.5``: 1037 / 1124 and 1009 / 1040. Under
-a slow drift the rarely updated ``freeze=0`` baseline falls behind and alarms (drift 0.005
-sigma per step, halflife 20, warm-up 100: every path alarmed within 600 steps, vs 83 % with
-``freeze=0.5`` and 46 % without drift).
-
-**Threshold ``h``.** Give ``h`` directly, or
-
-* ``arl0=``: the in-control average run length (in measurements). Siegmund's approximation
-  for ``N(mu, 1)`` increments, ``ARL(mu) = (e^{-2 D b} + 2 D b - 1)/(2 D^2)``,
-  ``D = mu - k``, ``b = h + 1.166`` (``b^2`` when ``D = 0``), is inverted by bisection;
-  two-sided: ``1/ARL = 1/ARL+ + 1/ARL-``. Reference values (k = 0.5): ARL0 500 -> h = 4.381,
-  1000 -> h = 5.063; k = 0.25, 1000 -> 8.582. Accurate to about 6 % (SPEC section 9).
-* ``alpha=`` with ``horizon=``: the false-alarm probability over ``horizon`` monitored
-  measurements. ``method="simulation"`` (default) runs *this detector's own update code* on
-  ``n_paths`` in-control Gaussian series with a private generator and takes the
-  ``1 - alpha`` quantile of ``max_t max(S+_t, S-_t)``. With ``account_warmup=True`` each
-  simulated path first goes through the same warm-up estimation (mean/trend, sd, rho test,
-  EWMA baseline), so the threshold controls the *unconditional* false-alarm rate including
-  the estimation error of a short warm-up (SPEC: with n0 = 30 the conditional ARL0 falls
-  below half its target 38 % of the time). ``method="geometric"`` uses
-  ``alpha = 1 - exp(-n/ARL0(h))`` with Siegmund's ARL0 instead.
-
-Series with a non-finite value are never updated; the value raises an alarm with
-``direction="nonfinite"``.
+This module is the user-facing detector: the checked configuration, the threshold choice,
+calibration from a warm-up, several runs or a known model, alarms, inspection and
+persistence (``state_dict``).
 
 Example:
     >>> import numpy as np
-    >>> from hutchtrace.monitor.cusum import CUSUMDetector, threshold_for_arl
-    >>> round(threshold_for_arl(1000, k=0.5), 3)
-    5.063
+    >>> from hutchtrace.monitor.cusum import CUSUMDetector
     >>> det = CUSUMDetector(k=0.5, arl0=1000, warmup=50, direction="up")
+    >>> round(det.h, 3)
+    5.063
     >>> rng = np.random.default_rng(0)
     >>> x = np.r_[rng.normal(10, 1, 150), rng.normal(12, 1, 50)]     # +2 sigma at t = 150
     >>> alarms = [a for t, v in enumerate(x) for a in det.update({"fc1": v}, step=t)]
@@ -94,122 +47,20 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = [
-    "Alarm",
-    "CUSUMDetector",
-    "siegmund_arl",
-    "arl0",
-    "threshold_for_arl",
-    "threshold_for_alpha",
-    "SIEGMUND_CORRECTION",
-]
+from .cusum_arl import threshold_for_arl
+from .cusum_recursion import CUSUMRecursion, check_k
+from .cusum_reference import known_in_control
+from .cusum_simulation import check_alpha, simulate_max_statistic, simulated_threshold, threshold_for_alpha
 
-SIEGMUND_CORRECTION = 1.166  # Siegmund's overshoot correction for Gaussian increments
+__all__ = ["Alarm", "CUSUMDetector"]
+
 _DIRECTIONS = ("both", "up", "down")
 _AUTOCORR = ("whiten", "inflate", "warn", "ignore")
-_RHO_MAX = 0.9  # cap on the autocorrelation acted on
-
-
-# --------------------------------------------------------------------------- ARL theory
-def siegmund_arl(mu: float, k: float, h: float, sd: float = 1.0) -> float:
-    """Siegmund's ARL of the one-sided upper CUSUM with increments ``N(mu, sd^2)``.
-
-    ``ARL = (exp(-2 D b) + 2 D b - 1) / (2 D^2)`` with ``D = (mu - k)/sd`` and
-    ``b = h/sd + 1.166``; ``b^2`` when ``D = 0``. (The lower CUSUM with increments of mean
-    ``mu`` has the ARL of the upper one at ``-mu``.)
-    """
-    d = (mu - k) / sd
-    b = h / sd + SIEGMUND_CORRECTION
-    if abs(d) < 1e-9:
-        return b * b
-    x = -2.0 * d * b
-    if x > 700:  # exp overflow: the ARL is astronomically large
-        return math.inf
-    if abs(x) < 1e-3:  # e^x - 1 - x cancels: Taylor series (error < x^8/8!)
-        num = x * x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x / 5040)))))
-    else:
-        num = math.expm1(x) - x
-    return num / (2.0 * d * d)
-
-
-def arl0(k: float, h: float, sides: int = 1, sd: float = 1.0) -> float:
-    """In-control ARL of a one-sided (``sides=1``) or two-sided (``sides=2``) CUSUM.
-
-    Two-sided: ``1/ARL = 1/ARL+ + 1/ARL-`` (the two sides have the same ARL in control).
-    """
-    if sides not in (1, 2):
-        raise ValueError(f"sides must be 1 or 2, got {sides!r}")
-    return siegmund_arl(0.0, k, h, sd) / sides
-
-
-def threshold_for_arl(target: float, k: float = 0.5, sides: int = 1, sd: float = 1.0) -> float:
-    """The ``h`` with ``arl0(k, h, sides) = target``, by bisection (ARL0 is increasing in h).
-
-    >>> round(threshold_for_arl(500, 0.5), 3), round(threshold_for_arl(1000, 0.25), 3)
-    (4.381, 8.582)
-    """
-    if not target > 1:
-        raise ValueError(f"the target in-control ARL must be > 1 measurement, got {target!r}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k!r}")
-    lo, hi = 0.0, 1.0
-    while arl0(k, hi, sides, sd) < target:
-        hi *= 2.0
-        if hi > 1e6:
-            raise ValueError(f"no threshold reaches ARL0 = {target} with k = {k}")
-    if arl0(k, lo, sides, sd) >= target:
-        return 0.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if arl0(k, mid, sides, sd) < target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-def threshold_for_alpha(
-    alpha: float,
-    horizon: int,
-    k: float = 0.5,
-    sides: int = 1,
-    *,
-    method: str = "simulation",
-    n_paths: int = 50_000,
-    seed: int = 0,
-) -> float:
-    """``h`` giving a false-alarm probability ``alpha`` over ``horizon`` steps (known mu0, sigma).
-
-    ``method="simulation"``: the ``1 - alpha`` quantile of ``max_{t <= n} S_t`` over
-    ``n_paths`` N(0,1) paths (private generator ``seed``). ``"geometric"``: solve
-    ``alpha = 1 - exp(-n/ARL0(h))`` with Siegmund's ARL0. For a detector whose mean and scale
-    are estimated from a warm-up, use :meth:`CUSUMDetector.threshold_for_alpha` instead,
-    which simulates the estimation too.
-    """
-    _check_alpha(alpha, horizon)
-    if method == "geometric":
-        return threshold_for_arl(-horizon / math.log1p(-alpha), k, sides)
-    if method != "simulation":
-        raise ValueError(f"method must be 'simulation' or 'geometric', got {method!r}")
-    det = CUSUMDetector(k=k, h=math.inf, direction="both" if sides == 2 else "up", warmup=0)
-    return det._simulated_quantile(alpha, horizon, n_paths, seed, account_warmup=False)
-
-
-def _check_alpha(alpha: float, horizon: int) -> None:
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
-        raise ValueError(
-            f"horizon must be a positive int (number of monitored measurements), got {horizon!r}"
-        )
 
 
 # --------------------------------------------------------------------------- alarms
@@ -247,7 +98,7 @@ class Alarm:
 
 
 # --------------------------------------------------------------------------- detector
-class CUSUMDetector:
+class CUSUMDetector(CUSUMRecursion):
     """Calibrated Page CUSUM over one or more named series (see the module docstring).
 
     Args:
@@ -258,15 +109,17 @@ class CUSUMDetector:
         alpha, horizon: target false-alarm probability over ``horizon`` monitored measurements.
         method: ``"simulation"`` or ``"geometric"`` for the alpha threshold.
         direction: ``"both"`` (two-sided), ``"up"`` or ``"down"``.
-        warmup: number of measurements of each series used for calibration (n0). SPEC
-            recommends >= 300 for a reliable ARL0; shorter warm-ups are covered by the
-            ``alpha`` threshold with ``account_warmup=True``. 0 means "call :meth:`calibrate`".
+        warmup: number of measurements of each series used for calibration (n0). >= 300 is
+            advised for a reliable ARL0 (short warm-ups inflate false alarms, docs/maths.md
+            section 9); shorter warm-ups are covered by the ``alpha`` threshold with
+            ``account_warmup=True``. 0 means "call :meth:`calibrate`".
         halflife: baseline EWMA half-life in measurements (``None``: fixed warm-up mean).
         autocorr: ``"whiten"``, ``"inflate"``, ``"warn"`` or ``"ignore"`` (lag-1 autocorrelation).
         account_warmup: include the warm-up estimation error in the simulated alpha threshold.
         n_paths, seed: simulation size and private generator seed for the alpha threshold.
         rebaseline: after an alarm, also move the baseline to the alarmed value (the new level
-            becomes the reference) instead of keeping the old reference (SPEC: plain reset).
+            becomes the reference) instead of keeping the old reference (docs/maths.md section 9:
+            plain reset).
         freeze: the moving baseline is frozen while ``max(S+, S-) > freeze * h`` (0 <= freeze < 1).
         blocks: restrict monitoring to these series names (others fed to :meth:`update` are
             ignored); ``None`` monitors every series seen in the first update.
@@ -294,52 +147,37 @@ class CUSUMDetector:
         freeze: float = 0.5,
         blocks: Sequence[str] | None = None,
     ):
-        if not (isinstance(k, (int, float)) and math.isfinite(k) and k >= 0):
-            raise ValueError(f"k must be a finite number >= 0, got {k!r}")
-        if direction not in _DIRECTIONS:
-            raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-        if autocorr not in _AUTOCORR:
-            raise ValueError(f"autocorr must be one of {_AUTOCORR}, got {autocorr!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0 (measurements), got {warmup!r}")
-        if warmup == 1 or (halflife is not None and 0 < warmup < 3):
-            raise ValueError(f"warmup={warmup} cannot estimate a scale; use warmup >= 3 (>= 30 advised)")
-        if halflife is not None and not (halflife > 0):
-            raise ValueError(f"halflife must be > 0 measurements or None, got {halflife!r}")
-        if sum(x is not None for x in (h, arl0, alpha)) > 1:
-            raise ValueError("give at most one of h, arl0 and alpha (with horizon)")
-        if (alpha is None) != (horizon is None):
-            raise ValueError(
-                "alpha and horizon go together: the false-alarm probability over horizon measurements"
-            )
-        if not (isinstance(freeze, (int, float)) and 0.0 <= freeze < 1.0):
-            raise ValueError(f"freeze must be a fraction of h in [0, 1), got {freeze!r}")
-        if method not in ("simulation", "geometric"):
-            raise ValueError(f"method must be 'simulation' or 'geometric', got {method!r}")
-        self.k = float(k)
-        self.direction = direction
-        self.warmup = int(warmup)
-        self.halflife = None if halflife is None else float(halflife)
-        self.lam = 0.0 if halflife is None else 1.0 - 2.0 ** (-1.0 / float(halflife))
-        self.autocorr = autocorr
-        self.rebaseline = bool(rebaseline)
-        self.freeze = float(freeze)
-        self.blocks = None if blocks is None else [str(b) for b in blocks]
-        sides = 2 if direction == "both" else 1
-        self.threshold_source: dict = {}
+        _check_arguments(k, h, arl0, alpha, horizon, method, direction, warmup, halflife, autocorr, freeze)
+        super().__init__(
+            k,
+            math.inf,  # placeholder: the threshold simulation runs without one
+            direction,
+            warmup=warmup,
+            halflife=halflife,
+            autocorr=autocorr,
+            rebaseline=rebaseline,
+            freeze=freeze,
+            blocks=blocks,
+        )
+        self.h, self.threshold_source = self._choose_threshold(
+            h, arl0, alpha, horizon, method, account_warmup, n_paths, seed
+        )
+
+    def _choose_threshold(
+        self, h, arl0, alpha, horizon, method, account_warmup, n_paths, seed
+    ) -> tuple[float, dict]:
+        """``(h, threshold_source)`` from ``h``, ``alpha`` + ``horizon`` or ``arl0`` (default 1000)."""
         if h is not None:
             if not h > 0:
                 raise ValueError(f"h must be > 0, got {h!r}")
-            self.h = float(h)
-            self.threshold_source = {"kind": "given"}
-        elif alpha is not None:
-            _check_alpha(alpha, horizon)
+            return float(h), {"kind": "given"}
+        if alpha is not None:
+            check_alpha(alpha, horizon)
             if method == "geometric":
-                self.h = threshold_for_alpha(alpha, horizon, self.k, sides, method="geometric")
+                h = threshold_for_alpha(alpha, horizon, self.k, self.sides, method="geometric")
             else:
-                self.h = math.inf  # placeholder: the simulation runs without a threshold
-                self.h = self._simulated_quantile(alpha, int(horizon), n_paths, seed, account_warmup)
-            self.threshold_source = {
+                h = simulated_threshold(self, alpha, int(horizon), n_paths, seed, account_warmup)
+            return h, {
                 "kind": "alpha",
                 "alpha": alpha,
                 "horizon": int(horizon),
@@ -349,54 +187,21 @@ class CUSUMDetector:
                 "seed": seed,
                 "design": [self.warmup],
             }
-        else:
-            target = 1000.0 if arl0 is None else float(arl0)
-            self.h = threshold_for_arl(target, self.k, sides)
-            self.threshold_source = {"kind": "arl0", "arl0": target, "method": "siegmund"}
-        self._reset_state()
+        target = 1000.0 if arl0 is None else float(arl0)
+        return threshold_for_arl(target, self.k, self.sides), {
+            "kind": "arl0",
+            "arl0": target,
+            "method": "siegmund",
+        }
 
     # ------------------------------------------------------------------ state
-    def _reset_state(self) -> None:
-        self._freeze_h = None  # simulations run with h = inf but freeze relative to a finite h
-        self.names: list[str] | None = None if self.blocks is None else list(self.blocks)
-        n = 0 if self.names is None else len(self.names)
-        self._warm_x: list[np.ndarray] = []
-        self._warm_se2: list[np.ndarray] = []
-        self.calibrated = False
-        self.mu0 = np.zeros(n)
-        self.baseline = np.zeros(n)
-        self.sigma_proc2 = np.zeros(n)
-        self.rho = np.zeros(n)
-        self.inflation = np.ones(n)  # c^2 * v
-        self.phi = np.zeros(n)  # whitening coefficient (rho acted on, or 0)
-        self.follow = np.zeros(n, dtype=bool)  # one-sided: baseline follows an ignored-side move
-        self.u_prev = np.zeros(n)  # previous standardised residual (for whitening)
-        self.s_pos = np.zeros(n)
-        self.s_neg = np.zeros(n)
-        self.count = np.zeros(n, dtype=np.int64)  # monitored measurements per series
-        self.n_alarms = 0
-
     def reset(self) -> None:
         """Forget the calibration and all statistics (start a new warm-up)."""
         self._reset_state()
 
     @property
-    def sides(self) -> int:
-        return 2 if self.direction == "both" else 1
-
-    @property
     def in_warmup(self) -> bool:
         return not self.calibrated
-
-    def _ensure_names(self, names: list[str]) -> None:
-        if self.names is None:
-            self.names = list(names)
-            n = len(names)
-            self.mu0, self.baseline = np.zeros(n), np.zeros(n)
-            self.sigma_proc2, self.rho, self.inflation = np.zeros(n), np.zeros(n), np.ones(n)
-            self.phi, self.u_prev, self.follow = np.zeros(n), np.zeros(n), np.zeros(n, dtype=bool)
-            self.s_pos, self.s_neg = np.zeros(n), np.zeros(n)
-            self.count = np.zeros(n, dtype=np.int64)
 
     def _vectors(self, values, ses) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(values, Mapping):
@@ -469,90 +274,11 @@ class CUSUMDetector:
         src = self.threshold_source
         design = [int(x.shape[0]) for x in xs]
         if src.get("kind") == "alpha" and src.get("account_warmup") and src.get("design") != design:
-            self.h = self._simulated_quantile(
-                src["alpha"], src["horizon"], src["n_paths"], src["seed"], True, design=design
+            self.h = simulated_threshold(
+                self, src["alpha"], src["horizon"], src["n_paths"], src["seed"], True, design=design
             )
             self.threshold_source = dict(src, design=design)
         return self
-
-    def _fit(self, xs: list[np.ndarray], s2s: list[np.ndarray]) -> None:
-        detrend = self.lam > 0
-        resid, lag_num, lag_den = [], 0.0, 0.0
-        n_total = sum(x.shape[0] for x in xs)
-        min_n = 3 if detrend else 2
-        if any(x.shape[0] < min_n for x in xs):
-            raise ValueError(
-                f"each warm-up run needs >= {min_n} measurements, got {[x.shape[0] for x in xs]}"
-            )
-        bad = [not np.isfinite(x).all() for x in xs]
-        if any(bad):
-            raise ValueError("warm-up data contain NaN/Inf; calibrate on finite measurements only")
-        if detrend:
-            # pooled straight line over the common time axis of each run (t = 0..n-1)
-            t = np.concatenate([np.arange(x.shape[0], dtype=np.float64) for x in xs])
-            X = np.concatenate(xs, 0)
-            tm = t.mean()
-            slope = ((t - tm)[:, None] * (X - X.mean(0))).sum(0) / ((t - tm) ** 2).sum()
-            icpt = X.mean(0) - slope * tm
-            resid_all = X - (icpt + slope * t[:, None])
-            dof = n_total - 2
-            t_end = max(x.shape[0] for x in xs) - 1
-            mu0 = icpt + slope * t_end
-            off = 0
-            for x in xs:
-                r = resid_all[off : off + x.shape[0]]
-                off += x.shape[0]
-                resid.append(r)
-        else:
-            X = np.concatenate(xs, 0)
-            mu0 = X.mean(0)
-            resid_all = X - mu0
-            dof = n_total - 1
-            for x in xs:
-                resid.append(x - mu0)
-        # lag-1 autocorrelation within runs, of residuals centred per run (between-run level
-        # differences are variance, not autocorrelation)
-        for r in resid:
-            rc = r - r.mean(0)
-            lag_num = lag_num + (rc[1:] * rc[:-1]).sum(0)
-            lag_den = lag_den + (rc * rc).sum(0)
-        sx2 = (resid_all**2).sum(0) / max(dof, 1)
-        se2_mean = np.concatenate(s2s, 0).mean(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rho = np.where(lag_den > 0, lag_num / lag_den, 0.0)
-        crit = 2.0 / math.sqrt(n_total)
-        significant = rho > crit
-        if significant.any() and self.autocorr != "ignore":
-            names = [self.names[i] for i in np.flatnonzero(significant)]
-            if self.autocorr == "warn":
-                warnings.warn(
-                    f"CUSUM warm-up: lag-1 autocorrelation {np.round(rho[significant], 2).tolist()} of "
-                    "series "
-                    f"{names} exceeds 2/sqrt(n0) = {crit:.2f}; the in-control ARL will be shorter than its "
-                    "target. "
-                    "Use autocorr='whiten', a detrending halflife, or a sparser measurement interval.",
-                    stacklevel=3,
-                )
-        acted = np.where(significant, np.clip(rho, 0.0, _RHO_MAX), 0.0)
-        c2 = (1.0 + acted) / (1.0 - acted) if self.autocorr == "inflate" else np.ones_like(acted)
-        v = 2.0 / (2.0 - self.lam) if detrend else 1.0
-        self.mu0 = np.asarray(mu0, dtype=np.float64).copy()
-        self.baseline = self.mu0.copy()
-        self.follow = np.zeros(self.mu0.shape, dtype=bool)
-        self.sigma_proc2 = np.maximum(0.0, sx2 - se2_mean)
-        self.rho = rho
-        self.inflation = c2 * v
-        self.phi = acted if self.autocorr == "whiten" else np.zeros_like(acted)
-        # the last warm-up residual seeds the whitening recursion
-        last = resid[-1][-1]
-        scale = np.sqrt(self.inflation * (self.sigma_proc2 + s2s[-1][-1]))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            self.u_prev = np.where(scale > 0, last / np.where(scale > 0, scale, 1.0), 0.0)
-        self.s_pos = np.zeros_like(self.mu0)
-        self.s_neg = np.zeros_like(self.mu0)
-        self.count = np.zeros(self.mu0.shape, dtype=np.int64)
-        self._warm_x, self._warm_se2 = [], []
-        self.calibrated = True
 
     def set_reference(self, mu0, sigma, names: Sequence[str] | None = None, rho=0.0) -> CUSUMDetector:
         """Use a known in-control model instead of a warm-up: level ``mu0`` and process sd ``sigma``.
@@ -572,19 +298,7 @@ class CUSUMDetector:
         )
         if len(self.names) != mu0.size:
             raise ValueError(f"{len(self.names)} names for {mu0.size} series")
-        r = np.clip(rho, 0.0, _RHO_MAX)
-        self.mu0, self.baseline = mu0.copy(), mu0.copy()
-        self.follow = np.zeros(mu0.shape, dtype=bool)
-        self.sigma_proc2 = sigma * sigma
-        self.rho = rho.copy()
-        c2 = (1.0 + r) / (1.0 - r) if self.autocorr == "inflate" else np.ones_like(r)
-        self.inflation = c2 * (2.0 / (2.0 - self.lam) if self.lam > 0 else 1.0)
-        self.phi = r.copy() if self.autocorr == "whiten" else np.zeros_like(r)
-        self.u_prev = np.zeros_like(r)
-        self.s_pos, self.s_neg = np.zeros_like(r), np.zeros_like(r)
-        self.count = np.zeros(r.shape, dtype=np.int64)
-        self._warm_x, self._warm_se2 = [], []
-        self.calibrated = True
+        self._start(known_in_control(mu0, sigma, rho, self.lam, self.autocorr))
         return self
 
     def restart(self) -> CUSUMDetector:
@@ -670,60 +384,6 @@ class CUSUMDetector:
         self.n_alarms += len(alarms)
         return alarms
 
-    def _advance(self, x: np.ndarray, se2: np.ndarray, finite: np.ndarray):
-        """One vectorised CUSUM step over all series (also used by the simulations).
-
-        Both sides are always accumulated. A moving baseline is updated only at steps where
-        both statistics are ``<= freeze * h`` after this step. The rule must be symmetric:
-        updating whenever the *monitored* side alone is low would update only after low values
-        and bias a one-sided baseline low (measured: one-sided ARL0 122 instead of 1000 at
-        halflife 50, freeze 0). For a one-sided detector the ignored side is reset silently
-        when it crosses ``h``; the baseline then *follows* (updates whenever the monitored side
-        is low) until both sides are low again, so a lasting move in the ignored direction is
-        absorbed at the EWMA rate instead of freezing the baseline for good.
-        """
-        base = self.baseline
-        sig = np.sqrt(self.inflation * (self.sigma_proc2 + se2))
-        r = np.where(finite, x - base, 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u = np.where(sig > 0, r / np.where(sig > 0, sig, 1.0), np.sign(r) * np.inf)
-        u = np.where(r == 0, 0.0, u)
-        phi = self.phi
-        with np.errstate(invalid="ignore"):
-            y = np.where(phi > 0, (u - phi * self.u_prev) / np.sqrt(1.0 - phi * phi), u)
-        y = np.where(np.isnan(y), 0.0, y)  # inf - inf: a degenerate (zero-variance) series
-        s_pos = np.where(finite, np.maximum(0.0, self.s_pos + y - self.k), self.s_pos)
-        s_neg = np.where(finite, np.maximum(0.0, self.s_neg - y - self.k), self.s_neg)
-        cross_pos, cross_neg = s_pos > self.h, s_neg > self.h
-        up = finite & (self.direction != "down") & cross_pos
-        down = finite & (self.direction != "up") & cross_neg
-        alarm = up | down
-        silent = finite & ~alarm & (cross_pos | cross_neg)  # the ignored side crossed
-        restart = alarm | silent
-        self._last_pos, self._last_neg, self._last_base = s_pos, s_neg, base
-        if self.lam > 0:
-            mon = (
-                s_pos
-                if self.direction == "up"
-                else s_neg
-                if self.direction == "down"
-                else np.maximum(s_pos, s_neg)
-            )
-            ref_h = self.h if self._freeze_h is None else self._freeze_h
-            lim = self.freeze * ref_h if self.freeze > 0 else 0.0  # (0 * inf is nan)
-            both_zero = np.maximum(s_pos, s_neg) <= lim
-            move = finite & ~alarm & (mon <= lim) & (both_zero | self.follow | silent)
-            base = np.where(move, base + self.lam * (x - base), base)
-            self.follow = np.where(finite, (self.follow | silent) & ~both_zero, self.follow)
-        if self.rebaseline:
-            base = np.where(alarm, x, base)
-        self.u_prev = np.where(finite, np.where(alarm & self.rebaseline, 0.0, u), self.u_prev)
-        self.baseline = base
-        self.s_pos = np.where(restart, 0.0, s_pos)
-        self.s_neg = np.where(restart, 0.0, s_neg)
-        self.count = self.count + finite
-        return up, down, y, sig
-
     # ------------------------------------------------------------------ inspection
     def statistics(self) -> dict[str, dict[str, float]]:
         """``{name: {"up": S+, "down": S-, "baseline": m, "sigma_proc": ..., "rho": ...}}``."""
@@ -754,63 +414,6 @@ class CUSUMDetector:
         )
 
     # ------------------------------------------------------------------ simulation
-    def _clone_config(self) -> CUSUMDetector:
-        d = CUSUMDetector.__new__(CUSUMDetector)
-        for key in (
-            "k",
-            "direction",
-            "warmup",
-            "halflife",
-            "lam",
-            "autocorr",
-            "rebaseline",
-            "freeze",
-            "h",
-            "threshold_source",
-        ):
-            setattr(d, key, getattr(self, key))
-        d.blocks = None
-        d._reset_state()
-        return d
-
-    def _simulated_quantile(
-        self,
-        alpha: float,
-        horizon: int,
-        n_paths: int,
-        seed: int,
-        account_warmup: bool,
-        design: list[int] | None = None,
-    ) -> float:
-        """The ``1 - alpha`` quantile of the simulated maximum statistic.
-
-        Before its first alarm a path does not depend on ``h``, except through the baseline
-        freeze limit ``freeze * h`` of a moving baseline. Then ``q(h)``, the quantile with the
-        freeze limit at ``h``, decreases in ``h`` (a lower limit freezes more), and the
-        threshold is the root of ``q(h) = h`` in ``[q(inf), q(0)]``, found by Brent's method
-        on common random numbers.
-        """
-
-        def q(freeze_h: float) -> float:
-            mx = self.simulate_max_statistic(
-                horizon,
-                n_paths=n_paths,
-                seed=seed,
-                account_warmup=account_warmup,
-                design=design,
-                freeze_h=freeze_h,
-            )
-            return float(np.quantile(mx, 1.0 - alpha))
-
-        if not (self.lam > 0 and self.freeze > 0):
-            return q(math.inf)
-        lo, hi = q(math.inf), q(0.0)
-        if hi - lo <= 1e-9 * max(1.0, hi):
-            return hi
-        from scipy.optimize import brentq
-
-        return float(brentq(lambda h: q(h) - h, lo, hi, xtol=1e-3 * lo, rtol=1e-6))
-
     def simulate_max_statistic(
         self,
         horizon: int,
@@ -831,37 +434,7 @@ class CUSUMDetector:
         draws the paths. The baseline freeze limit is ``freeze * freeze_h`` (default: this
         detector's ``h``; ``inf`` when that is not finite).
         """
-        design = [self.warmup] if design is None else [int(n) for n in design]
-        rng = np.random.default_rng(seed)
-        out = np.empty(n_paths)
-        for start in range(0, n_paths, chunk):
-            m = min(chunk, n_paths - start)
-            d = self._clone_config()
-            d._freeze_h = self.h if freeze_h is None else float(freeze_h)
-            d.h = math.inf
-            d.names = [str(i) for i in range(m)]
-            if account_warmup and sum(design) >= 3:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    d._fit([rng.standard_normal((n, m)) for n in design], [np.zeros((n, m)) for n in design])
-            else:
-                d.names = None
-                d._ensure_names([str(i) for i in range(m)])
-                d.sigma_proc2 = np.ones(m)
-                d.inflation = np.full(m, 2.0 / (2.0 - d.lam) if d.lam > 0 else 1.0)
-                d.phi, d.u_prev, d.follow = np.zeros(m), np.zeros(m), np.zeros(m, dtype=bool)
-                d.calibrated = True
-            zero = np.zeros(m)
-            ok = np.ones(m, dtype=bool)
-            best = np.zeros(m)
-            for _ in range(horizon):
-                d._advance(rng.standard_normal(m), zero, ok)
-                if self.direction != "down":
-                    np.maximum(best, d.s_pos, out=best)
-                if self.direction != "up":
-                    np.maximum(best, d.s_neg, out=best)
-            out[start : start + m] = best
-        return out
+        return simulate_max_statistic(self, horizon, n_paths, seed, account_warmup, design, freeze_h, chunk)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -926,3 +499,30 @@ class CUSUMDetector:
         self.follow = np.asarray(state["follow"], dtype=bool)
         self.count = np.asarray(state["count"], dtype=np.int64)
         self.n_alarms = int(state["n_alarms"])
+
+
+def _check_arguments(
+    k, h, arl0, alpha, horizon, method, direction, warmup, halflife, autocorr, freeze
+) -> None:
+    """The checks of :class:`CUSUMDetector`'s arguments, each error naming the fix."""
+    check_k(k)
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if autocorr not in _AUTOCORR:
+        raise ValueError(f"autocorr must be one of {_AUTOCORR}, got {autocorr!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0 (measurements), got {warmup!r}")
+    if warmup == 1 or (halflife is not None and 0 < warmup < 3):
+        raise ValueError(f"warmup={warmup} cannot estimate a scale; use warmup >= 3 (>= 30 advised)")
+    if halflife is not None and not (halflife > 0):
+        raise ValueError(f"halflife must be > 0 measurements or None, got {halflife!r}")
+    if sum(x is not None for x in (h, arl0, alpha)) > 1:
+        raise ValueError("give at most one of h, arl0 and alpha (with horizon)")
+    if (alpha is None) != (horizon is None):
+        raise ValueError(
+            "alpha and horizon go together: the false-alarm probability over horizon measurements"
+        )
+    if not (isinstance(freeze, (int, float)) and 0.0 <= freeze < 1.0):
+        raise ValueError(f"freeze must be a fraction of h in [0, 1), got {freeze!r}")
+    if method not in ("simulation", "geometric"):
+        raise ValueError(f"method must be 'simulation' or 'geometric', got {method!r}")

@@ -14,13 +14,9 @@ import math
 import numpy as np
 import pytest
 
-from hutchtrace.monitor.cusum import (
-    CUSUMDetector,
-    arl0,
-    siegmund_arl,
-    threshold_for_alpha,
-    threshold_for_arl,
-)
+from hutchtrace.monitor.cusum import CUSUMDetector
+from hutchtrace.monitor.cusum_arl import arl0, siegmund_arl, threshold_for_arl
+from hutchtrace.monitor.cusum_simulation import threshold_for_alpha
 
 SIEGMUND_REL = 0.06  # docs/maths.md section 9: Siegmund vs simulation, |rel. err| <= 6.4 % over 16 cases
 
