@@ -49,14 +49,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.curvature_op import CurvatureProducts, probe_rows
-from ..core.progress import Progress
-from ..core.state import PreservedState
-from ..core.validate import check_model, check_probe_kind, resolve_seed
-from ..estimate.engine import check_probe_count
-from ..problem.blocks import BlockLayout, resolve_blocks, unwrap_model
-from ..problem.loss import make_loss_spec
-from .decompose import _rows_per_call
+from ...backbones.curvature_op import CurvatureProducts, probe_rows
+from ...core.progress import Progress
+from ...core.state import PreservedState
+from ...core.validate import check_model, check_probe_kind, resolve_seed
+from ...estimate.engine import check_probe_count
+from ...problem.blocks import BlockLayout, resolve_blocks, unwrap_model
+from ...problem.loss import make_loss_spec
+from ..decompose import _rows_per_call
 
 __all__ = [
     "BlockEigenvalues",
