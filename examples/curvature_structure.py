@@ -21,10 +21,7 @@ import time
 import torch
 from torch import nn
 
-from hutchtrace import zoo
-from hutchtrace.structure.coupling import block_coupling
-from hutchtrace.structure.decompose import decompose
-from hutchtrace.structure.spectra import spectral_density, stable_rank
+from hutchtrace import block_coupling, decompose, spectral_density, stable_rank, zoo
 
 
 def run(name, model, crit, data, out_dir, K, blocks_for_coupling, spectra_blocks):

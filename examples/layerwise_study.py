@@ -187,8 +187,7 @@ def main(argv=None) -> dict:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from hutchtrace.layers.analysis import cca, snapshot_pca
-    from hutchtrace.layers.snapshot_store import load_arrays, load_run
+    from hutchtrace import cca, load_arrays, load_run, snapshot_pca
 
     t0 = time.time()
     data = load_datasets(quick, args.seed)

@@ -60,9 +60,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hutchtrace  # noqa: E402
+from hutchtrace import (
+    CUSUMDetector,  # noqa: E402
+    Monitor,  # noqa: E402
+)
 from hutchtrace.demo import train_run  # noqa: E402
-from hutchtrace.monitor.cusum import CUSUMDetector  # noqa: E402
-from hutchtrace.monitor.monitor import Monitor  # noqa: E402
 
 BLOCK = "0"
 EVERY = 25
@@ -250,7 +252,7 @@ def main(argv=None) -> dict:
             res[f"{noise:g}"] = {"summary": summarise(oc), "runs": oc}
         return res
 
-    from hutchtrace.monitor.cusum import Alarm
+    from hutchtrace import Alarm
 
     primary = analyse(lambda r: [Alarm(**a) for a in r["alarms"]])
     # the online alarms must equal an offline replay of the same detector (sanity check)

@@ -20,10 +20,7 @@ from pathlib import Path
 import torch
 
 import hutchtrace
-from hutchtrace import zoo
-from hutchtrace.backbones.exact import exact_hessian
-from hutchtrace.estimate.probing import ProbePlan
-from hutchtrace.estimate.variance import exact_variance
+from hutchtrace import ProbePlan, exact_hessian, exact_variance, zoo
 
 RTOL = 0.05
 

@@ -33,7 +33,7 @@ persistence (``state_dict``).
 
 Example:
     >>> import numpy as np
-    >>> from hutchtrace.monitor.cusum import CUSUMDetector
+    >>> from hutchtrace import CUSUMDetector
     >>> det = CUSUMDetector(k=0.5, arl0=1000, warmup=50, direction="up")
     >>> round(det.h, 3)
     5.063

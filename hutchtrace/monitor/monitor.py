@@ -35,7 +35,7 @@ the next measurement step, the timing estimates and the detector; with a fixed i
 
 Example:
     >>> import torch, hutchtrace
-    >>> from hutchtrace.monitor.monitor import Monitor
+    >>> from hutchtrace import Monitor
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))

@@ -381,7 +381,7 @@ def block_coupling(
 
     Example:
         >>> import torch
-        >>> from hutchtrace.structure.coupling import block_coupling
+        >>> from hutchtrace import block_coupling
         >>> g = torch.Generator().manual_seed(0)
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
         >>> x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)

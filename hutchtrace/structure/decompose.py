@@ -237,7 +237,7 @@ def decompose(
 
     Example:
         >>> import torch
-        >>> from hutchtrace.structure.decompose import decompose
+        >>> from hutchtrace import decompose
         >>> g = torch.Generator().manual_seed(0)
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
         >>> x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)

@@ -29,7 +29,7 @@ Modules, in the order a call runs through them:
 
 Example:
     >>> import torch
-    >>> from hutchtrace.layers.local_hessian import local_hessian
+    >>> from hutchtrace import local_hessian
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> x = torch.randn(8, 3, dtype=torch.float64)
     >>> lh = local_hessian(net.double(), x, "0")                 # A = the Tanh that follows

@@ -24,7 +24,7 @@ Float64 throughout, whatever the model dtype. One module per job:
 
 Example:
     >>> import torch
-    >>> from hutchtrace.structure.spectra import stable_rank
+    >>> from hutchtrace import stable_rank
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
     >>> sr = stable_rank(net, torch.nn.CrossEntropyLoss(), K=4, data=(x, y), seed=0)

@@ -134,7 +134,7 @@ def spectral_density(
 
     Example:
         >>> import torch
-        >>> from hutchtrace.structure.spectra import spectral_density
+        >>> from hutchtrace import spectral_density
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
         >>> sd = spectral_density(net, torch.nn.CrossEntropyLoss(), n_v=4, m=10, data=(x, y), seed=0)

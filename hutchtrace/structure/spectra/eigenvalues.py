@@ -108,7 +108,7 @@ def block_eigenvalues(
 
     Example:
         >>> import torch
-        >>> from hutchtrace.structure.spectra import block_eigenvalues
+        >>> from hutchtrace import block_eigenvalues
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
         >>> ev = block_eigenvalues(net, torch.nn.CrossEntropyLoss(), k=2, data=(x, y), select="2.weight", seed=0)

@@ -124,7 +124,7 @@ def hutchpp(
 
     Example:
         >>> import torch
-        >>> from hutchtrace.structure.spectra import hutchpp
+        >>> from hutchtrace import hutchpp
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
         >>> hutchpp(net, torch.nn.CrossEntropyLoss(), m=9, reps=2, data=(x, y), seed=0).estimates.shape
