@@ -3,7 +3,7 @@
 For each model (float64, random init, L >= 100 blocks, a few thousand parameters):
 
 1. the exact Hessian (``exact_hessian``) and, from it, the exact per-probe variances of
-   ``global`` and ``isolated`` (``exact_variance``, SPEC Theorem 1.1), hence the exact HVP
+   ``global`` and ``isolated`` (``exact_variance``, docs/maths.md Theorem 1.1), hence the exact HVP
    rows each needs to reach ``SE_b <= eps_b`` on every block, ``rows = G * max_b V_b /
    eps_b^2``, with ``eps_b = max(rtol |tr_b|, 0.01 rtol max_c |tr_c|)``: the target of
    ``block_traces``' adaptive stopping, with exact traces. For reference also the first-fit

@@ -248,7 +248,7 @@ def _init(model: nn.Module, seed: int, dtype):
 
 
 def make_mlp(n=32, sizes=(16, 32, 32, 8), act=nn.Tanh, seed=0, dtype=torch.float32):
-    """Tanh MLP 16-32-32-8 with cross-entropy on random labels (the SPEC's test MLP)."""
+    """Tanh MLP 16-32-32-8 with cross-entropy on random labels (the test MLP of docs/maths.md)."""
     model = _init(_build(mlp, sizes, act), seed, dtype)
     g = _gen(seed + 1)
     x = torch.randn(n, sizes[0], generator=g).to(dtype)

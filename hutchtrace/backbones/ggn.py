@@ -1,6 +1,6 @@
 """Generalised Gauss-Newton (GGN) vector products: the backbones behind ``curvature="ggn"``.
 
-For a criterion loss ``l(theta) = C(f(x; theta), y)`` with model outputs ``f`` (SPEC section 5)
+For a criterion loss ``l(theta) = C(f(x; theta), y)`` with model outputs ``f`` (docs/maths.md section 5)
 
 .. math:: H = G + T, \\qquad G = J^\\top \\Lambda J, \\qquad
           T = \\sum_k \\frac{\\partial C}{\\partial f_k} \\nabla^2_\\theta f_k,

@@ -32,7 +32,7 @@ so each rank draws its slice of ``z`` from the global offsets, receives its slic
 counted on one replica only.
 
 Per-rank streaming statistics (e.g. probes split over ranks) are combined with the K-way
-merge of SPEC section 4 (:func:`all_reduce_welford`).
+merge of docs/maths.md section 4 (:func:`all_reduce_welford`).
 
 Example (run with ``torchrun --nproc_per_node 2 script.py``)::
 

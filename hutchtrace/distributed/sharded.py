@@ -292,7 +292,7 @@ def sharded_block_traces(
     ``named_parameters()``: then the probes are those :func:`hutchtrace.block_traces`
     draws for the unsharded model with the same seed), calls ``hvp`` with them
     and gets back its slices of ``w = H z``; the partial sums ``z_b.w_b`` and ``||w_b||^2``
-    over owned slices are all-reduced once per call (``2 K L`` numbers; SPEC section 1,
+    over owned slices are all-reduced once per call (``2 K L`` numbers; docs/maths.md section 1,
     module docs). Row energies are reported (they sum over slices).
 
     Args:

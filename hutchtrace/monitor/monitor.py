@@ -105,7 +105,7 @@ class Monitor:
             closure ``loss(model) -> scalar`` (then ``data`` is not needed).
         every: measurement interval in steps (fixed when ``overhead=None``, the minimum
             interval otherwise).
-        K: probes per measurement (SPEC section 3: ``K ~ K*..3K*``; 5-10 is typical online).
+        K: probes per measurement (docs/maths.md section 3: ``K ~ K*..3K*``; 5-10 is typical online).
         blocks, probing, probe, hvp, curvature: passed to :func:`hutchtrace.block_traces`. With
             ``hvp="auto"`` the backbone chosen at the first measurement is kept for the run.
         overhead: the budget, a fraction of wall time in (0, 1), or ``None`` for a fixed interval.

@@ -1,7 +1,7 @@
 """Inter-block coupling: ``||M_bc||_F^2`` for every pair of blocks, resonance and coupling
 fraction, for ``M = H`` (the Hessian) or ``M = G`` (the Gauss-Newton matrix).
 
-Definitions (SPEC sections 0 and 6), for a symmetric ``M`` split into blocks ``I_1..I_L``:
+Definitions (docs/maths.md sections 0 and 6), for a symmetric ``M`` split into blocks ``I_1..I_L``:
 
 * ``F_bc = ||M_bc||_F^2`` (so ``F_bc = F_cb``);
 * row energy ``rho_b = ||M_{b,:}||_F^2 = sum_c F_bc``; cross energy ``X_b = sum_{c != b} F_bc``
@@ -33,7 +33,7 @@ Estimators (``mode``):
 
     is unbiased for ``F_bc``. Caveats: being an order-2 U-statistic its variance is about
     ``4 zeta1/K + 2 zeta2/K^2``, i.e. per product 1.5-43x that of block probes at ``K = 64`` and
-    up to 225x at ``K = 4`` (SPEC section 6); it is usable for large blocks with many probes, not
+    up to 225x at ``K = 4`` (docs/maths.md section 6); it is usable for large blocks with many probes, not
     for small ones; it can be **negative**, so ``R`` (NaN where an entry is <= 0) and ``C`` are
     only meaningful where the estimates are clearly positive; it costs ``O(K^2 P)`` flops.
     The SE of ``F`` comes from an unbiased variance estimate (``K >= 4``, see
@@ -126,7 +126,7 @@ class UStatistic:
 def ustat_from_gram(G: torch.Tensor, *, jackknife: bool = True) -> UStatistic:
     """All-pairs U-statistic of ``||M_bc||_F^2`` from Gram matrices ``G[b, k, l] = w_b^(k) . z_b^(l)``.
 
-    ``S_bc = (sum_{k,l} G_b[k,l] G_c[l,k] - sum_k G_b[k,k] G_c[k,k]) / (K (K - 1))`` (SPEC 6a) is an
+    ``S_bc = (sum_{k,l} G_b[k,l] G_c[l,k] - sum_k G_b[k,k] G_c[k,k]) / (K (K - 1))`` (docs/maths.md section 6a) is an
     order-2 U-statistic with the symmetric kernel ``phi_kl = (a_kl + a_lk) / 2``,
     ``a_kl = G_b[k,l] G_c[l,k]``: unbiased for ``||M_bc||_F^2`` whenever ``E zz^T = I`` and the ``K``
     probes are independent.

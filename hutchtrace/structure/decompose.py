@@ -1,7 +1,7 @@
 """``decompose``: per-block traces of the Hessian, its Gauss-Newton part and its tensor part,
 all from the same probes, and the GN-gap.
 
-For a criterion loss ``l = C(f(x; theta), y)`` (SPEC section 5)
+For a criterion loss ``l = C(f(x; theta), y)`` (docs/maths.md section 5)
 
 .. math:: H = G + T,\\qquad G = \\frac1N\\sum_n J_n^\\top\\Lambda_n J_n,\\qquad
           T = \\frac1N\\sum_n\\sum_k r_{nk}\\nabla^2_\\theta f_k(x_n),
@@ -18,10 +18,10 @@ below ``Var h_b + Var g_b``; the standard error of ``tr T_bb`` is that of the pa
 differences. The same products give the row energies ``E||(Mz)_b||^2 = ||M_{b,:}||_F^2`` for
 ``M = H, G, T``.
 
-GN-gaps (SPEC section 5):
+GN-gaps (docs/maths.md section 5):
 
 * trace gap ``gamma_b^tr = tr T_bb / |tr H_bb|``, estimated by the ratio of means
-  ``sum_k (h_b - g_b) / |sum_k h_b|`` with the delta-method SE of SPEC section 4,
+  ``sum_k (h_b - g_b) / |sum_k h_b|`` with the delta-method SE of docs/maths.md section 4,
   ``SE = sqrt((s_x^2 - 2 R s_xy + R^2 s_y^2) / K) / |y_bar|`` (``x = h - g``, ``y = h``,
   ``R = x_bar / y_bar``);
 * row gap ``gamma_b^row = ||T_{b,:}||_F / ||H_{b,:}||_F``, estimated by
@@ -31,7 +31,7 @@ GN-gaps (SPEC section 5):
 The row gap is the default: in piecewise-linear networks (ReLU, leaky ReLU, max-pool, linear
 and conv layers, residual adds; no normalisation, attention or gating) every diagonal block of
 ``T`` has zero trace -- ``diag T = 0`` -- so the trace gap is identically 0, while the
-cross-layer blocks of ``T`` are not 0 (SPEC section 10). The output layer always has
+cross-layer blocks of ``T`` are not 0 (docs/maths.md section 10). The output layer always has
 ``T_LL = 0``, and the output bias has a zero ``T`` row.
 """
 
@@ -63,7 +63,7 @@ __all__ = ["Decomposition", "decompose", "ratio_of_means", "traces_from_samples"
 
 
 def ratio_of_means(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``R = x_bar / y_bar`` column-wise and its delta-method SE (SPEC section 4).
+    """``R = x_bar / y_bar`` column-wise and its delta-method SE (docs/maths.md section 4).
 
     ``SE(R) = sqrt((s_x^2 - 2 R s_xy + R^2 s_y^2) / K) / |y_bar|`` from ``K`` paired samples
     (rows of ``x``, ``y``); NaN for ``K < 2``.

@@ -1,4 +1,4 @@
-"""Probe noise vs mini-batch noise, and the critical probe count K* (SPEC section 3).
+"""Probe noise vs mini-batch noise, and the critical probe count K* (docs/maths.md section 3).
 
 With batches B drawn i.i.d., ``tau(B) = tr H_B,bb`` and ``sigma^2(B) = Var(t_b | B)``, the
 mean of K probes on one batch has (law of total variance)
@@ -154,7 +154,7 @@ def variance_decomposition(
         model, loss: as in :func:`hutchtrace.block_traces` (``loss`` a criterion).
         data: an iterable of batches; the first ``n_batches`` are used.
         K: probes per batch (>= 2).
-        n_batches: number of batches M (>= 2; SPEC recommends 30-100).
+        n_batches: number of batches M (>= 2; 30-100 is typical: the K-hat* SE shrinks like 1/sqrt(M), docs/maths.md section 3).
         blocks, probing, probe, hvp: passed to :func:`~hutchtrace.block_traces`.
         seed: probe seed of the first batch; each later batch uses a fresh key derived from
             the previous one (SplitMix64), so probes are independent across batches.

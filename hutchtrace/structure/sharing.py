@@ -1,4 +1,4 @@
-"""Weight sharing done right, and the "unrolled" comparison that shows why (SPEC section 2).
+"""Weight sharing done right, and the "unrolled" comparison that shows why (docs/maths.md section 2).
 
 A tensor ``W`` used at ``m`` places makes the loss ``f(W) = F(W, ..., W)`` with ``F`` the
 *unrolled* function of one copy per use. Since ``W -> (W, ..., W)`` is linear,

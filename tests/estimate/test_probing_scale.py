@@ -61,7 +61,7 @@ def test_pilot_partitions_are_balanced_reproducible_and_cover_every_block():
 
 def test_random_group_energies_are_unbiased_for_the_coupling_sums():
     """``E ||(H z_g)_b||^2 = sum_{c in g} F_bc`` for every block b and every group g of a
-    random partition (SPEC Q2): the measurement the coupling model is fitted to."""
+    random partition (docs/maths.md Q2): the measurement the coupling model is fitted to."""
     model, crit, data = make_case("lm_tied")  # 16 blocks
     H, layout = exact_hessian(model, crit, data=data)
     F, _, _ = block_energies(H, layout)
@@ -103,7 +103,7 @@ def test_group_energies_in_dataset_mode_bound_the_couplings_from_above():
 
 
 def test_fit_of_block_supported_rows_is_the_direct_estimate():
-    """Singleton groups measure each ``F_bc`` directly (SPEC section 6a): the fit returns the
+    """Singleton groups measure each ``F_bc`` directly (docs/maths.md section 6a): the fit returns the
     symmetrised mean + z SE of ``||(H z_c)_b||^2``, as the block-supported pilot always did."""
     model, crit, data = make_case("mlp")
     L = 6
