@@ -57,7 +57,7 @@ over random balanced partitions into 16 groups, a new partition every two probes
 ``16 * pilot_K`` rows (128 by default), independent of L. Its samples are unbiased and
 are kept.
 
-**Re-planning** (:mod:`hutchtrace.estimate.estimator`). A short pilot cannot resolve the traces of
+**Re-planning** (:mod:`hutchtrace.estimate.plan_choice`). A short pilot cannot resolve the traces of
 small, strongly coupled blocks (under a random partition their variance is about
 ``X_b / G``), and the weights ``w_b`` need those traces. So with adaptive stopping the
 choice is revisited after every round from everything measured so far: the pooled traces
@@ -65,9 +65,9 @@ and their standard errors (a block is planned for with the lower bound
 ``(|tr_b| - SE_b)_+``, so an unresolved trace counts as small and its block is protected),
 ``V0``, and the fit, which has just absorbed the current plan's own group sums. A new
 partition replaces the current one when predicted to cost less than ``0.8`` times it
-under the same model (at most 8 changes per call). Segments are pooled with weights from
-the model's predicted variances (:mod:`hutchtrace.estimate.accumulate`), so an early, poor plan
-does not dilute a better later one.
+under the same model (at most 8 changes per call). The estimate pools the samples of every
+segment, each counted once, except a random-partition pilot's
+(:func:`hutchtrace.estimate.accumulate.estimate_segments`).
 
 Example:
     >>> import torch
