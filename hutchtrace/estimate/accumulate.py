@@ -143,7 +143,7 @@ class Segment:
         unbiased for ``X_b = sum_{c not in g(b)} ||H_bc||_F^2`` ((L,), on the CPU), or None
         when the row energies are not valid (several batches).
 
-        It is what a global probe adds to b's per-probe variance under this plan (SPEC
+        It is what a global probe adds to b's per-probe variance under this plan (``docs/maths.md``
         section 6: ``V_global,b = V_plan,b + X_b``), so the current plan's measured variance
         predicts the global scheme's without running it.
         """

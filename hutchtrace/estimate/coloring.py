@@ -1,7 +1,7 @@
 """Choosing the probing scheme: a coupling model, block coloring and the ``auto`` rule.
 
 **What a plan costs.** Under a plan with groups ``g``, block b's per-probe variance is
-(SPEC section 1)
+(``docs/maths.md`` section 1)
 
 .. math:: V_b(\\text{plan}) = V0_b + \\sum_{c \\in g(b), c \\ne b} F_{bc},\\qquad
           V0_b = 2F_{bb} + (\\mu_4 - 3) d_b,\\quad F_{bc} = \\lVert H_{bc}\\rVert_F^2,
@@ -27,7 +27,7 @@ G groups (bisection).
 couplings: a row supported on group ``g`` gives, for EVERY block b,
 
 .. math:: \\mathbb E\\,\\lVert (H z_g)_b \\rVert^2 = S_{bg} = \\sum_{c \\in g} F_{bc}
-          \\quad(\\text{SPEC (Q2); } F_{bb} \\text{ included when } b \\in g),
+          \\quad(\\text{docs/maths.md (Q2); } F_{bb} \\text{ included when } b \\in g),
 
 so a plan with G groups measures the ``L x G`` group sums of ``F`` at G rows per probe,
 whatever L (:class:`GroupEnergySink`; tested unbiased against the dense Hessian). The model
@@ -38,13 +38,13 @@ ones, found by multiplicative (iterative-proportional) updates from the flat pri
 probe count. For choosing a plan each measured sum is first raised by ``z = 2`` standard
 errors (a coupling measured from a few probes is not trusted to be small); the pooling
 weights use ``z = 0``. With singleton groups (block-supported rows) ``S_bc = F_bc`` and the
-fit is the direct estimate of SPEC section 6a. Over random partitions a pair shares a group
+fit is the direct estimate of ``docs/maths.md`` section 6(a). Over random partitions a pair shares a group
 about once in G, which lets the fit tell pairs apart, and the group sums of the plan being
 run are measured directly. The fit is not an unbiased estimate of each ``F_bc`` (``L^2``
 unknowns, ``L`` numbers per row); its group sums are.
 
 ``V0`` and ``F_bb`` come from the pairwise U-statistics of each block's own-group rows,
-which are unbiased for ``F_bb`` and ``d_b`` under ANY plan (SPEC section 1):
+which are unbiased for ``F_bb`` and ``d_b`` under ANY plan (``docs/maths.md`` section 1):
 ``V0 = 2 F_bb + (mu4 - 3) d_b``, pooled over segments by pair count; ``F_bb`` is held fixed
 in the fit, which then splits an own-group sum into ``F_bb`` and couplings correctly.
 Without pairwise statistics (``variance="sample"``, sequential mode, adaptive dataset
@@ -57,7 +57,7 @@ over random balanced partitions into 16 groups, a new partition every two probes
 ``16 * pilot_K`` rows (128 by default), independent of L. Its samples are unbiased and
 are kept.
 
-**Re-planning** (:mod:`hutchtrace.estimate.estimator`). A short pilot cannot resolve the traces of
+**Re-planning** (:mod:`hutchtrace.estimate.plan_choice`). A short pilot cannot resolve the traces of
 small, strongly coupled blocks (under a random partition their variance is about
 ``X_b / G``), and the weights ``w_b`` need those traces. So with adaptive stopping the
 choice is revisited after every round from everything measured so far: the pooled traces
@@ -65,9 +65,9 @@ and their standard errors (a block is planned for with the lower bound
 ``(|tr_b| - SE_b)_+``, so an unresolved trace counts as small and its block is protected),
 ``V0``, and the fit, which has just absorbed the current plan's own group sums. A new
 partition replaces the current one when predicted to cost less than ``0.8`` times it
-under the same model (at most 8 changes per call). Segments are pooled with weights from
-the model's predicted variances (:mod:`hutchtrace.estimate.accumulate`), so an early, poor plan
-does not dilute a better later one.
+under the same model (at most 8 changes per call). The estimate pools the samples of every
+segment, each counted once, except a random-partition pilot's
+(:func:`hutchtrace.estimate.accumulate.estimate_segments`).
 
 Example:
     >>> import torch
@@ -87,6 +87,7 @@ import torch
 
 from .engine import RowBatch, Sink
 from .probing import ProbePlan, global_plan, isolated_plan
+from .variance import MU4
 
 __all__ = [
     "PilotStats",
@@ -204,8 +205,6 @@ class CouplingModel:
     (module docs)."""
 
     def __init__(self, L: int, kind: str = "rademacher", z: float = COUPLING_Z):
-        from .variance import MU4
-
         self.L = L
         self.z = z
         self.mu = MU4[kind] - 3.0
@@ -249,7 +248,7 @@ class CouplingModel:
         ``variances()`` and ``pair``).
 
         With pairwise sinks: the U-statistics of the rows of b's own group are unbiased for
-        ``F_bb`` and ``d_b`` under any plan (SPEC section 1), so ``V0 = 2 F_bb + (mu4 - 3) d_b``,
+        ``F_bb`` and ``d_b`` under any plan (``docs/maths.md`` section 1), so ``V0 = 2 F_bb + (mu4 - 3) d_b``,
         pooled by pair count; ``F_bb`` is also held fixed in the fit, which then splits an
         own-group sum into ``F_bb`` and the couplings correctly. Without them:
         ``(V_b - W_b)_+``, ``W_b`` the within-group coupling under the fit WITHOUT the

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from ..core.errors import HutchtraceError
-from ..estimate.stats import WelfordState
+from .probing import ProbePlan
+from .stats import WelfordState
 
 
 class DistributedError(HutchtraceError, RuntimeError):
@@ -138,8 +139,6 @@ def world_size(group) -> int:
 def broadcast_plan(plan, group):
     """Rank 0's :class:`~hutchtrace.estimate.probing.ProbePlan` on every rank (plans chosen from
     rank-local pilot couplings may differ)."""
-    from ..estimate.probing import ProbePlan
-
     dist = torch_dist()
     box = [(plan.name, [list(g) for g in plan.groups])]
     dist.broadcast_object_list(box, src=_src_rank(group), group=group)
@@ -178,7 +177,7 @@ def sample_sink_reducer(group):
 
 
 def all_reduce_welford(state: WelfordState, group) -> WelfordState:
-    """The K-way merge of per-rank Welford states (SPEC section 4), in place and returned.
+    """The K-way merge of per-rank Welford states (``docs/maths.md`` section 4), in place and returned.
 
     .. math:: n = \\sum_d n_d,\\quad \\bar x = \\sum_d n_d \\bar x_d / n,\\quad
               M_2 = \\sum_d \\big[M_{2,d} + n_d (\\bar x_d - \\bar x)^2\\big]

@@ -9,7 +9,7 @@ group's blocks and 0 elsewhere; one HVP ``w = H z^(k,g)`` then gives, for every 
           = z_b^\\top H_{bb} z_b + \\sum_{c \\in g, c \\ne b} z_b^\\top H_{bc} z_c,
 
 which is unbiased for ``tr H_bb`` with variance ``V0_b + sum_{c in g, c != b} ||H_bc||_F^2``
-(SPEC section 1). The plan only decides which cross-block terms stay in the variance:
+(``docs/maths.md`` section 1). The plan only decides which cross-block terms stay in the variance:
 
 * ``global``: one group holding every block (the seed paper's method, one HVP per probe);
 * ``isolated``: one group per block (no cross terms, L HVPs per probe);

@@ -32,7 +32,7 @@ class BlockEstimate:
         pairwise_variance: the pairwise U-statistic estimate (unbiased; may be negative),
         or None when not computed;
         row_energy: mean of ||(Hz)_b||^2, an estimate of ||H_{b,:}||_F^2 (NOT the
-        variance; SPEC section 10), or None when not available;
+        variance; ``docs/maths.md`` section 10), or None when not available;
         finite: False when some probe gave a NaN/Inf sample (mean is then NaN).
     """
 

@@ -1,4 +1,4 @@
-"""Streaming statistics of per-probe block samples (SPEC section 4).
+"""Streaming statistics of per-probe block samples (``docs/maths.md`` section 4).
 
 State per column (block, plus one column for the per-probe total): ``(n, mean, M2)`` in
 float64 on the device, updated by Welford's recurrence and merged by Chan's formula::
@@ -9,7 +9,7 @@ float64 on the device, updated by Welford's recurrence and merged by Chan's form
 
     var = M2 / (n - 1);  SE = sqrt(var / n);  CI_{1-a} = mean +- t_{n-1, 1-a/2} SE
 
-The t-interval is approximate (samples are not normal); SPEC section 4 measured a 94.2-95.4 %
+The t-interval is approximate (samples are not normal); ``docs/maths.md`` section 4 measured a 94.2-95.4 %
 coverage for a nominal 95 % interval on an MLP. Updates never synchronise with the host.
 """
 

@@ -1,6 +1,6 @@
 """Variance of block-Hutchinson samples: closed form and unbiased estimators.
 
-Closed form (SPEC section 1, Theorem 1.1). For a symmetric H, blocks ``I_1..I_L`` and a
+Closed form (``docs/maths.md`` section 1, Theorem 1.1). For a symmetric H, blocks ``I_1..I_L`` and a
 probe plan whose group ``g(b)`` contains block b, the sample
 ``t_b = z_b^T (H z_{g(b)})_b`` has
 
@@ -12,7 +12,7 @@ with ``mu4 = 1`` (Rademacher) or ``3`` (Gaussian). Global probing keeps every cr
 isolated probing none. The per-probe total ``T = sum_b t_b`` is a sum of independent group
 terms ``z_g^T H_gg z_g``, so ``Var T = sum_g [2||H_gg||_F^2 + (mu4 - 3) sum_{i in g} H_ii^2]``.
 
-Unbiased estimate from K >= 2 probes (the pairwise U-statistic of SPEC section 1). With
+Unbiased estimate from K >= 2 probes (the pairwise U-statistic of ``docs/maths.md`` section 1). With
 ``W_b`` and ``Z_b`` the ``K x n_b`` matrices of ``w_b^(k) = (H z^(k))_b`` and ``z_b^(k)``,
 ``M_b = W_b Z_b^T`` and ``D^(k) = z_b^(k) * w_b^(k)``::
 
@@ -21,10 +21,10 @@ Unbiased estimate from K >= 2 probes (the pairwise U-statistic of SPEC section 1
     V_hat = mean_k ||w_b^(k)||^2 + F_hat + (mu4 - 3) d_hat      E = Var t_b
 
 It holds for any plan (``w`` then comes from the group's HVP), had 36-60 % of the spread
-of the sample variance at K = 4 on the SPEC's MLP, and can be negative for small K.
+of the sample variance at K = 4 on the MLP of ``docs/maths.md``, and can be negative for small K.
 
 The row energy ``mean_k ||w_b^(k)||^2`` estimates ``||H_{b,:}||_F^2`` (the whole row of
-blocks the probe touches), NOT the variance (SPEC section 10).
+blocks the probe touches), NOT the variance (``docs/maths.md`` section 10).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ..backbones.exact import block_slices
+from ..kernels import ops
 from ..problem.blocks import BlockLayout
-from .engine import RowBatch, Sink
+from .engine import Columns, RowBatch, Sink
 from .probing import ProbePlan, global_plan, isolated_plan
 
 __all__ = ["MU4", "exact_variance", "pairwise_variance", "PairwiseSink"]
@@ -45,8 +47,6 @@ MU4 = {"rademacher": 1.0, "gaussian": 3.0}
 
 def _index_sets(H: torch.Tensor, blocks) -> list[torch.Tensor]:
     if isinstance(blocks, BlockLayout):
-        from ..backbones.exact import block_slices
-
         return block_slices(blocks)
     if isinstance(blocks, int):
         raise TypeError("blocks must be a BlockLayout, a list of block sizes or a list of index tensors")
@@ -189,8 +189,6 @@ class PairwiseSink(Sink):
 
     def __init__(self, layout: BlockLayout, plan: ProbePlan, seed: int, kind: str, round_size: int,
                  first_k: int = 0, accumulate: bool = False):
-        from .engine import Columns
-
         self.layout = layout
         self.seed = seed
         self.kind = kind
@@ -359,8 +357,6 @@ class PairwiseSink(Sink):
 
     def _pieces_regenerated(self, state: dict, k0: int, lo: int, R: int):
         """Dataset mode: per-tensor pieces from the accumulated float64 rows, probes regenerated."""
-        from ..kernels import ops
-
         Ms, s2, q2, en = [], [], [], []
         for j, t in enumerate(self.layout.tensors):
             W = state["w"][j][lo : lo + R] * self._scale

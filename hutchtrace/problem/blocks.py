@@ -3,7 +3,7 @@
 A *block* is a set of parameter tensors; its Hessian block is
 ``H_bb = d^2 loss / d theta_b^2`` with ``theta_b`` the concatenation of its tensors.
 
-Weight sharing is handled at this level (SPEC section 2): a tensor reachable under several
+Weight sharing is handled at this level (``docs/maths.md`` section 2): a tensor reachable under several
 names (tied embeddings, a module reused in a loop) is ONE coordinate set. Blocks are built
 from de-duplicated tensors, never from module calls, so the HVP differentiates the true
 function of the shared tensor and the block trace includes every cross-use term.
@@ -101,7 +101,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _param_table(model: nn.Module):
+@dataclass
+class _ParamTable:
+    """The unique trainable tensors of a model, keyed by ``id``, in global order.
+
+    ``names_of[key]`` lists every name the tensor is reachable under (the first is its
+    canonical name), ``offsets[key]`` its global offset, ``total`` the global probe length;
+    ``frozen`` holds the names of parameters with ``requires_grad=False``.
+    """
+
+    order: list[int]
+    names_of: dict[int, list[str]]
+    tensor_of: dict[int, torch.Tensor]
+    frozen: set[str]
+    canonical: dict[int, str]
+    key_of_name: dict[str, int]
+    offsets: dict[int, int]
+    total: int
+
+
+def _param_table(model: nn.Module) -> _ParamTable:
     """Unique trainable tensors in order, with every name they are reachable under."""
     names_of: dict[int, list[str]] = {}
     tensor_of: dict[int, torch.Tensor] = {}
@@ -117,7 +136,45 @@ def _param_table(model: nn.Module):
             tensor_of[key] = p
             order.append(key)
         names_of[key].append(name)
-    return order, names_of, tensor_of, frozen
+    if not order:
+        raise BlockSpecError(
+            "the model has no trainable parameters (every parameter has requires_grad=False); "
+            "unfreeze the parameters whose curvature you want, e.g. p.requires_grad_(True)"
+        )
+    offsets: dict[int, int] = {}
+    total = 0
+    for key in order:
+        offsets[key] = total
+        total += tensor_of[key].numel()
+    return _ParamTable(
+        order=order, names_of=names_of, tensor_of=tensor_of, frozen=frozen,
+        canonical={key: names_of[key][0] for key in order},
+        key_of_name={n: key for key in order for n in names_of[key]},
+        offsets=offsets, total=total,
+    )
+
+
+class _Assignment:
+    """Block name -> tensor keys (insertion ordered); every tensor in at most one block."""
+
+    def __init__(self, table: _ParamTable):
+        self.table = table
+        self.groups: dict[str, list[int]] = {}
+        self.owner: dict[int, str] = {}
+
+    def assign(self, group: str, key: int) -> None:
+        if key in self.owner and self.owner[key] != group:
+            raise BlockSpecError(
+                f"blocks overlap: parameter {self.table.canonical[key]!r} is in both {self.owner[key]!r} and "
+                f"{group!r}; every parameter may belong to at most one block"
+            )
+        if key in self.owner:
+            return
+        self.owner[key] = group
+        self.groups.setdefault(group, []).append(key)
+
+    def size(self, group: str) -> int:
+        return len(self.groups.get(group, []))
 
 
 def _module_of(name: str) -> str:
@@ -156,96 +213,86 @@ def resolve_blocks(model: nn.Module, blocks="param") -> BlockLayout:
         ['0', '2']
     """
     model = unwrap_model(model)
-    order, names_of, tensor_of, frozen = _param_table(model)
-    if not order:
-        raise BlockSpecError(
-            "the model has no trainable parameters (every parameter has requires_grad=False); "
-            "unfreeze the parameters whose curvature you want, e.g. p.requires_grad_(True)"
-        )
-    canonical = {key: names_of[key][0] for key in order}
-    key_of_name = {n: key for key in order for n in names_of[key]}
-    offsets_all: dict[int, int] = {}
-    total = 0
-    for key in order:
-        offsets_all[key] = total
-        total += tensor_of[key].numel()
-
-    # group name -> list of tensor keys (insertion ordered)
-    groups: dict[str, list[int]] = {}
-    owner: dict[int, str] = {}
-
-    def assign(group: str, key: int) -> None:
-        if key in owner and owner[key] != group:
-            raise BlockSpecError(
-                f"blocks overlap: parameter {canonical[key]!r} is in both {owner[key]!r} and {group!r}; "
-                "every parameter may belong to at most one block"
-            )
-        if key in owner:
-            return
-        owner[key] = group
-        groups.setdefault(group, []).append(key)
-
+    table = _param_table(model)
+    asg = _Assignment(table)
     if isinstance(blocks, str):
-        if blocks == "param":
-            for key in order:
-                assign(canonical[key], key)
-        elif blocks == "module":
-            for key in order:
-                mod = _module_of(canonical[key])
-                assign(mod if mod else "(root)", key)
-        elif blocks == "all":
-            for key in order:
-                assign("all", key)
-        else:
-            raise BlockSpecError(
-                f"unknown block specification {blocks!r}; use 'param', 'module', 'all', "
-                "a dict of block name -> parameters/modules, or a callable name -> group"
-            )
+        _assign_by_keyword(blocks, table, asg)
     elif isinstance(blocks, Mapping):
-        modules = dict(model.named_modules(remove_duplicate=False))
-        for group, spec in blocks.items():
-            if not isinstance(group, str):
-                raise BlockSpecError(f"block names must be strings, got {group!r}")
-            items = spec if isinstance(spec, (list, tuple, set)) else [spec]
-            if not items:
-                raise BlockSpecError(f"block {group!r} is empty; give it at least one parameter or module")
-            before = len(groups.get(group, []))
-            for item in items:
-                for key in _keys_for(item, key_of_name, modules, frozen, group, tensor_of):
-                    assign(group, key)
-            if len(groups.get(group, [])) == before:
-                raise BlockSpecError(f"block {group!r} selects no trainable parameter")
-        # Keep global order within each block.
-        for g in groups:
-            groups[g].sort(key=order.index)
+        _assign_by_mapping(blocks, model, table, asg)
     elif callable(blocks):
-        fn: Callable[[str], object] = blocks
-        for key in order:
-            g = fn(canonical[key])
-            if g is None:
-                continue
-            assign(str(g), key)
-        if not groups:
-            raise BlockSpecError("the block function excluded every parameter (returned None for all)")
+        _assign_by_function(blocks, table, asg)
     else:
         raise BlockSpecError(
             f"blocks must be 'param', 'module', 'all', a dict or a callable, got {type(blocks).__name__}"
         )
+    return _layout(table, asg)
 
-    selected = sorted(owner, key=order.index)
-    group_names = list(groups)
-    gidx = {g: i for i, g in enumerate(group_names)}
-    block_list = []
-    for g in group_names:
-        keys = groups[g]
-        block_list.append(
-            Block(
-                name=g,
-                params=tuple(canonical[k] for k in keys),
-                aliases=tuple(n for k in keys for n in names_of[k][1:]),
-                numel=sum(tensor_of[k].numel() for k in keys),
-            )
+
+def _assign_by_keyword(blocks: str, table: _ParamTable, asg: _Assignment) -> None:
+    """``"param"``, ``"module"`` or ``"all"``."""
+    if blocks == "param":
+        for key in table.order:
+            asg.assign(table.canonical[key], key)
+    elif blocks == "module":
+        for key in table.order:
+            mod = _module_of(table.canonical[key])
+            asg.assign(mod if mod else "(root)", key)
+    elif blocks == "all":
+        for key in table.order:
+            asg.assign("all", key)
+    else:
+        raise BlockSpecError(
+            f"unknown block specification {blocks!r}; use 'param', 'module', 'all', "
+            "a dict of block name -> parameters/modules, or a callable name -> group"
         )
+
+
+def _assign_by_mapping(blocks: Mapping, model: nn.Module, table: _ParamTable, asg: _Assignment) -> None:
+    """A mapping ``block name -> parameter/module name, tensor, module, or a list of those``."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for group, spec in blocks.items():
+        if not isinstance(group, str):
+            raise BlockSpecError(f"block names must be strings, got {group!r}")
+        items = spec if isinstance(spec, (list, tuple, set)) else [spec]
+        if not items:
+            raise BlockSpecError(f"block {group!r} is empty; give it at least one parameter or module")
+        before = asg.size(group)
+        for item in items:
+            for key in _keys_for(item, table.key_of_name, modules, table.frozen, group, table.tensor_of):
+                asg.assign(group, key)
+        if asg.size(group) == before:
+            raise BlockSpecError(f"block {group!r} selects no trainable parameter")
+    # Keep global order within each block.
+    for g in asg.groups:
+        asg.groups[g].sort(key=table.order.index)
+
+
+def _assign_by_function(fn: Callable[[str], object], table: _ParamTable, asg: _Assignment) -> None:
+    """A callable ``f(param_name) -> block name or None`` (None excludes the tensor)."""
+    for key in table.order:
+        g = fn(table.canonical[key])
+        if g is None:
+            continue
+        asg.assign(str(g), key)
+    if not asg.groups:
+        raise BlockSpecError("the block function excluded every parameter (returned None for all)")
+
+
+def _layout(table: _ParamTable, asg: _Assignment) -> BlockLayout:
+    """The :class:`BlockLayout` of an assignment: selected tensors in global order, one
+    :class:`Block` per group; all on one device."""
+    canonical, tensor_of = table.canonical, table.tensor_of
+    selected = sorted(asg.owner, key=table.order.index)
+    gidx = {g: i for i, g in enumerate(asg.groups)}
+    block_list = [
+        Block(
+            name=g,
+            params=tuple(canonical[k] for k in keys),
+            aliases=tuple(n for k in keys for n in table.names_of[k][1:]),
+            numel=sum(tensor_of[k].numel() for k in keys),
+        )
+        for g, keys in asg.groups.items()
+    ]
     tensors = [tensor_of[k] for k in selected]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
@@ -258,9 +305,9 @@ def resolve_blocks(model: nn.Module, blocks="param") -> BlockLayout:
         blocks=block_list,
         names=[canonical[k] for k in selected],
         tensors=tensors,
-        offsets=[offsets_all[k] for k in selected],
-        block_index=[gidx[owner[k]] for k in selected],
-        total_numel=total,
+        offsets=[table.offsets[k] for k in selected],
+        block_index=[gidx[asg.owner[k]] for k in selected],
+        total_numel=table.total,
     )
 
 

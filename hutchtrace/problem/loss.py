@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -196,51 +197,65 @@ def make_loss_spec(loss: Callable, data: Any = None, allow_empty: bool = False) 
 
     ``allow_empty`` accepts an iterable without batches (a data-parallel rank whose shard is
     empty still takes part in the reductions).
+
+    Example:
+        >>> crit = nn.MSELoss()
+        >>> make_loss_spec(crit, (torch.zeros(8, 3), torch.zeros(8, 1))).kind
+        'criterion'
+        >>> spec = make_loss_spec(crit, [(torch.zeros(8, 3), torch.zeros(8, 1))] * 2)
+        >>> spec.kind, [b.weight for b in spec.batches()]
+        ('dataset', [8.0, 8.0])
     """
     if not callable(loss):
         raise LossError(f"loss must be callable (a closure loss(model) or a criterion), got {type(loss).__name__}")
     if data is None:
-        n = _n_positional(loss)
-        if n is not None and n >= 2:
-            raise DataFormatError(
-                "loss looks like a criterion loss(outputs, targets) but no data was given; pass "
-                "data=(inputs, targets) or a list/DataLoader of batches, or use a closure loss(model)"
-            )
+        return _closure_spec(loss)
+    _check_criterion(loss)
+    sum_reduced = getattr(loss, "reduction", "mean") == "sum"
+    _check_data_type(data)
+    if _is_single_batch(data):
+        inputs, targets = data
+        return LossSpec("criterion", partial(_single_batch, loss, inputs, targets), reiterable=True)
+    _check_dataset(data)
+    return LossSpec("dataset", partial(_dataset_batches, loss, data, sum_reduced, allow_empty),
+                    reiterable=not isinstance(data, Iterator))
 
-        def one() -> Iterator[BatchClosure]:
-            yield BatchClosure(fn=loss, weight=1.0, count=1.0, signature=("closure", id(loss)))
 
-        return LossSpec("closure", one, reiterable=True)
+def _closure_spec(loss: Callable) -> LossSpec:
+    """Form (a): ``loss(model)`` without data; a criterion here is a mistake worth naming."""
+    n = _n_positional(loss)
+    if n is not None and n >= 2:
+        raise DataFormatError(
+            "loss looks like a criterion loss(outputs, targets) but no data was given; pass "
+            "data=(inputs, targets) or a list/DataLoader of batches, or use a closure loss(model)"
+        )
+    return LossSpec("closure", partial(_closure_batch, loss), reiterable=True)
 
+
+def _closure_batch(loss: Callable) -> Iterator[BatchClosure]:
+    yield BatchClosure(fn=loss, weight=1.0, count=1.0, signature=("closure", id(loss)))
+
+
+def _check_criterion(loss: Callable) -> None:
+    """With data, ``loss`` must take ``(outputs, targets)``."""
     n = _n_positional(loss)
     if n is not None and n < 2:
         raise DataFormatError(
             "data was given, so loss must be a criterion loss(outputs, targets), but it takes "
             f"{n} required argument(s); use a closure loss(model) without data instead"
         )
-    sum_reduced = getattr(loss, "reduction", "mean") == "sum"
 
+
+def _check_data_type(data: Any) -> None:
     if isinstance(data, (str, bytes)) or torch.is_tensor(data) or isinstance(data, Mapping):
         raise DataFormatError(
             f"data of type {type(data).__name__} is not supported; pass data=(inputs, targets) for one "
             "batch, or a list / DataLoader of (inputs, targets) batches"
         )
-    if _is_single_batch(data):
-        inputs, targets = data
 
-        def single() -> Iterator[BatchClosure]:
-            yield BatchClosure(
-                fn=_criterion_closure(loss, inputs, targets),
-                weight=1.0,
-                count=1.0,
-                signature=_signature(inputs),
-                criterion=loss,
-                inputs=inputs,
-                targets=targets,
-            )
 
-        return LossSpec("criterion", single, reiterable=True)
-
+def _check_dataset(data: Any) -> None:
+    """Form (c) needs an iterable of batches (and a tuple that is not a pair is a likely slip)."""
     if isinstance(data, tuple) and len(data) != 2 and not all(isinstance(b, (tuple, list)) for b in data):
         raise DataFormatError(
             f"data is a tuple of length {len(data)}; pass data=(inputs, targets) for one batch "
@@ -250,24 +265,38 @@ def make_loss_spec(loss: Callable, data: Any = None, allow_empty: bool = False) 
         raise DataFormatError(
             f"data of type {type(data).__name__} is neither an (inputs, targets) pair nor an iterable of batches"
         )
-    reiterable = not isinstance(data, Iterator)
 
-    def many() -> Iterator[BatchClosure]:
-        empty = True
-        for i, batch in enumerate(data):
-            inputs, targets = _unpack_batch(batch, i)
-            n_m = _batch_size(inputs, targets)
-            empty = False
-            yield BatchClosure(
-                fn=_criterion_closure(loss, inputs, targets),
-                weight=1.0 if sum_reduced else float(n_m),
-                count=float(n_m),
-                signature=_signature(inputs),
-                criterion=loss,
-                inputs=inputs,
-                targets=targets,
-            )
-        if empty and not allow_empty:
-            raise DataFormatError("data is an empty iterable: it yielded no batch")
 
-    return LossSpec("dataset", many, reiterable)
+def _single_batch(loss: Callable, inputs: Any, targets: Any) -> Iterator[BatchClosure]:
+    """Form (b): one ``(inputs, targets)`` batch, weight and count 1."""
+    yield BatchClosure(
+        fn=_criterion_closure(loss, inputs, targets),
+        weight=1.0,
+        count=1.0,
+        signature=_signature(inputs),
+        criterion=loss,
+        inputs=inputs,
+        targets=targets,
+    )
+
+
+def _dataset_batches(loss: Callable, data: Any, sum_reduced: bool,
+                     allow_empty: bool) -> Iterator[BatchClosure]:
+    """Form (c): one closure per batch, weighted by its sample count (1 for a sum-reduced
+    criterion); one pass over ``data``."""
+    empty = True
+    for i, batch in enumerate(data):
+        inputs, targets = _unpack_batch(batch, i)
+        n_m = _batch_size(inputs, targets)
+        empty = False
+        yield BatchClosure(
+            fn=_criterion_closure(loss, inputs, targets),
+            weight=1.0 if sum_reduced else float(n_m),
+            count=float(n_m),
+            signature=_signature(inputs),
+            criterion=loss,
+            inputs=inputs,
+            targets=targets,
+        )
+    if empty and not allow_empty:
+        raise DataFormatError("data is an empty iterable: it yielded no batch")

@@ -62,7 +62,7 @@ def xy():
 def fresh_cache(monkeypatch):
     auto_mod._AUTO_CACHE.clear()
     # as if torch.func were initialised: auto then times forward mode on calls this short
-    monkeypatch.setattr("hutchtrace.estimate.engine.forward_mode_initialised", lambda: True)
+    monkeypatch.setattr("hutchtrace.estimate.engine.auto.forward_mode_initialised", lambda: True)
     yield
 
 

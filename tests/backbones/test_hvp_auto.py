@@ -33,8 +33,8 @@ from hutchtrace.backbones.exact import exact_hessian
 from hutchtrace.backbones.forward import ForwardHVP
 from hutchtrace.backbones.reverse import ReverseHVP
 from hutchtrace.core.errors import HVPUnsupportedError
-from hutchtrace.estimate import engine
-from hutchtrace.estimate.engine import _RowPool
+from hutchtrace.estimate.engine import auto as engine_auto
+from hutchtrace.estimate.engine.rows import _RowPool
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def fresh_cache(monkeypatch):
     auto_mod._AUTO_CACHE.clear()
     # as if torch.func had been initialised in this process (whether it has depends on the
     # tests run before): auto then times forward mode on calls as short as these
-    monkeypatch.setattr(engine, "forward_mode_initialised", lambda: True)
+    monkeypatch.setattr(engine_auto, "forward_mode_initialised", lambda: True)
     yield
     auto_mod._AUTO_CACHE.clear()
 
@@ -265,7 +265,7 @@ def test_a_short_call_does_not_time_forward_mode(monkeypatch):
 def test_before_torch_func_is_initialised_only_a_long_call_times_forward_mode(monkeypatch):
     """The first forward-mode product of a process imports torch._dynamo (seconds): auto pays
     it only for a call whose reverse-mode estimate is CHALLENGE_MIN_SECONDS or more."""
-    monkeypatch.setattr(engine, "forward_mode_initialised", lambda: False)
+    monkeypatch.setattr(engine_auto, "forward_mode_initialised", lambda: False)
     prepared = []
     real = ForwardHVP.prepare
     monkeypatch.setattr(ForwardHVP, "prepare", lambda self, b: (prepared.append(self.name), real(self, b))[1])
@@ -273,7 +273,7 @@ def test_before_torch_func_is_initialised_only_a_long_call_times_forward_mode(mo
     hutchtrace.block_traces(model, crit, K=256, data=data, seed=0, hvp="auto")
     assert prepared == []
     auto_mod._AUTO_CACHE.clear()
-    monkeypatch.setattr(engine, "CHALLENGE_MIN_SECONDS", 0.0)  # as if the call were long
+    monkeypatch.setattr(engine_auto, "CHALLENGE_MIN_SECONDS", 0.0)  # as if the call were long
     hutchtrace.block_traces(model, crit, K=256, data=data, seed=0, hvp="auto")
     assert prepared == ["forward-vmap"]
 

@@ -168,7 +168,7 @@ def crit_once(m, x, y):
 def test_auto_falls_back_when_one_backbone_lacks_an_op(monkeypatch):
     # cdist has double backward but no forward-mode AD: auto must pick a reverse backbone.
     # (as if torch.func were initialised: auto then times forward mode on a call this short)
-    monkeypatch.setattr("hutchtrace.estimate.engine.forward_mode_initialised", lambda: True)
+    monkeypatch.setattr("hutchtrace.estimate.engine.auto.forward_mode_initialised", lambda: True)
     w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
     m = nn.Module()
     m.w = w

@@ -118,7 +118,7 @@ def test_graph_replay_logic_with_a_cpu_stand_in(monkeypatch, hvp, probing):
                 self.rows[(k, g)] = (rb.dots[r].clone(), rb.w_flat[r].clone() if rb.w_flat is not None else None)
 
     def capture(self, bb, ks, gs, gtt, pool=None):
-        from hutchtrace.estimate.engine import _Flat
+        from hutchtrace.estimate.engine.rows import _Flat
 
         cols = self.columns
         R = len(ks)
@@ -135,7 +135,7 @@ def test_graph_replay_logic_with_a_cpu_stand_in(monkeypatch, hvp, probing):
         ProbeRunner(model, layout, spec, seed=4, hvp=hvp, probe_batch=3, progress=False).run(plan, range(20), [eager])
         runner = ProbeRunner(model, layout, spec, seed=4, hvp=hvp, probe_batch=3, progress=False)
         runner.cuda_graph = True
-        monkeypatch.setattr(ProbeRunner, "_capture", capture)
+        monkeypatch.setattr("hutchtrace.estimate.engine.graphs.capture", capture)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: type("S", (), {"wait_stream": lambda s, o: None})())
         monkeypatch.setattr(torch.cuda, "Stream", lambda *a: type("S", (), {"wait_stream": lambda s, o: None})())
         monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())

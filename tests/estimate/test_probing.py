@@ -277,7 +277,8 @@ class _Seg:
 def test_auto_revalidation_leaves_a_plan_for_one_measured_to_be_cheaper():
     from types import SimpleNamespace
 
-    from hutchtrace.estimate.estimator import SWITCH_MARGIN, _revalidate
+    from hutchtrace.estimate.plan_choice import SWITCH_MARGIN
+    from hutchtrace.estimate.plan_choice import revalidate as _revalidate
 
     L = 4
     colored = ProbePlan("colored", ((0, 1), (2, 3)))
