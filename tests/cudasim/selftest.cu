@@ -1,4 +1,4 @@
-// Kernels that exercise the emulator itself (tests/test_cudasim.py): warp operations,
+// Kernels that exercise the emulator itself (tests/kernels/test_cudasim.py): warp operations,
 // barriers, shared-memory poisoning, schedules, and hutchtrace's block_sum2 called twice.
 // Plain CUDA: nvcc would compile this file too.
 #include <ATen/ATen.h>
