@@ -23,7 +23,10 @@ the suite that replaces them is published.
 
 The opt-in suites (``auto_first_call``, ``probing_scale``, ``foreign_models``,
 ``second_order_survey``, ``cuda_build_times``) take from 5 minutes to an hour each and run only
-when named or with ``--all``; they write their own results files (load recorded in them).
+when named or with ``--all``. Those that write their own result files (all but
+``auto_first_call``) run into a staging directory under /tmp and are copied into
+``bench/results/`` only when the load at the start and end of the run stayed at or below the
+core count (or with ``--allow-load``).
 
 The kernel suite (``bench/bench_kernels.py``, pytest-benchmark) and the GPU suite
 (``bench/gpu_suite.py``) have their own commands, see docs/kernels.md and docs/performance.md.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +75,10 @@ SUITES = {
 }
 #: not part of a plain run (each takes long, or, for the build times, measures nvcc, not hutchtrace)
 OPT_IN = ("auto_first_call", "probing_scale", "foreign_models", "second_order_survey", "cuda_build_times")
+#: opt-in suites that write their own result files (not through models.write_results): they run
+#: into a staging directory, and are copied into bench/results only when the load at the start and
+#: the end of the run stayed at or below the core count (or with --allow-load)
+STAGED = ("probing_scale", "foreign_models", "second_order_survey", "cuda_build_times")
 PYTEST_ARGS = ["-q", "-s", "-p", "no:cacheprovider", "-c", "bench/pytest.ini", "--benchmark-disable"]
 # result files a suite's new results replace (removed when that suite is published)
 LEGACY = {"curvature": ["curvature_ratios.json"], "overhead": ["cpu_overhead_run1.json", "cpu_overhead_run1.md"]}
@@ -92,18 +100,46 @@ def run_suite(suite: str, args) -> dict:
     env["HUTCHTRACE_BENCH_PUBLISH"] = "1" if args.publish else "0"
     if args.allow_load:
         env["HUTCHTRACE_BENCH_ALLOW_LOAD"] = "1"
-    fill = {"{out}": str(out_dir(args)), "{quick}": "--quick" if args.quick else ""}
+    staging = staging_dir(suite) if suite in STAGED and out_dir(args) == RESULTS else None
+    target = staging or out_dir(args)
+    fill = {"{out}": str(target), "{quick}": "--quick" if args.quick else ""}
     cmd = [x for x in (fill.get(c, c.replace("{out}", fill["{out}"])) for c in cmd) if x]
     argv = [sys.executable, *cmd] + (PYTEST_ARGS if cmd[0] == "-m" else [])
     load_start, t0 = bm.load_average(), time.perf_counter()
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     out = p.stdout + p.stderr
+    load_end = bm.load_average()
     d = out_dir(args)
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{suite if suite == 'probing_study' else 'cpu_' + suite}.log").write_text(out)
     refused = "LoadTooHigh" in out
+    if staging is not None and p.returncode == 0:
+        refused = not publish_staged(staging, d, {"start": load_start, "end": load_end, "cores": bm.cores()},
+                                     args.allow_load)
     return {"rc": p.returncode, "seconds": round(time.perf_counter() - t0, 1), "load_start": load_start,
-            "load_end": bm.load_average(), "refused_for_load": refused}
+            "load_end": load_end, "refused_for_load": refused}
+
+
+def staging_dir(suite: str) -> Path:
+    d = bm.SCRATCH / "staging" / suite
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
+
+
+def publish_staged(staging: Path, results: Path, load: dict, allow_load: bool) -> bool:
+    """Copy a staged run's files into ``results`` unless the run was loaded (start or end load
+    above the core count, :func:`models.load_over`) and ``allow_load`` is off. True if copied."""
+    if bm.load_over(load) and not allow_load:
+        print(f"[cpu suite] not publishing {staging.name}: load {load['start']} -> {load['end']} on "
+              f"{load['cores']} cores; its results stay in {staging}", file=sys.stderr, flush=True)
+        return False
+    for f in sorted(staging.rglob("*")):
+        if f.is_file():
+            dst = results / f.relative_to(staging)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst)
+    return True
 
 
 def load(suite: str, d: Path):
