@@ -30,6 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .monitor.cusum import CUSUMDetector
+from .monitor.monitor import Monitor
+from .monitor.sinks import JSONLSink, plot_monitor
+
 __all__ = ["DigitsTask", "make_task", "make_model", "train_run", "RunResult", "run_demo", "DEMO_BLOCK"]
 
 DEMO_BLOCK = "0"  # the first Linear layer (blocks="module" names blocks by module path)
@@ -238,108 +242,28 @@ def run_demo(
 
 
 def _run_demo(out, quick, seed, noise, progress, stream) -> dict:
-    from .monitor.cusum import CUSUMDetector
-    from .monitor.monitor import Monitor
-    from .monitor.sinks import JSONLSink, plot_monitor
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    epochs = 40 if quick else 300
-    every = 10 if quick else 25
-    warmup = 12 if quick else 16
-    steps_per_epoch = 1200 // 64
-    n_meas = -(-epochs * steps_per_epoch // every)
-    n_layers = 3
+    cfg = _DemoConfig.make(quick, seed, noise)
     t0 = time.perf_counter()
-    bar = _Bar(2 * epochs, enabled=progress)
-    detector = CUSUMDetector(
-        k=0.5, alpha=0.05 / n_layers, horizon=n_meas, direction="up", warmup=warmup, n_paths=20_000, seed=seed
-    )
+    bar = _Bar(2 * cfg.epochs, enabled=progress)
+    detector = CUSUMDetector(k=0.5, alpha=0.05 / cfg.n_layers, horizon=cfg.n_meas, direction="up",
+                             warmup=cfg.warmup, n_paths=20_000, seed=seed)
     runs = {}
     for arm, nz in (("clean", 0.0), ("noisy", noise)):
-        log = out / f"{arm}.jsonl"
-        if log.exists():
-            log.unlink()
         if arm == "noisy":
             detector = detector.copy().restart()  # calibrated once, on the clean run
-
-        def factory(model, crit, log=log, det=detector):
-            return Monitor(
-                model,
-                crit,
-                every=every,
-                K=8,
-                blocks="module",
-                overhead=None,
-                detector=det,
-                sinks=[JSONLSink(log, fsync=False)],
-                seed=seed,
-            )
-
-        runs[arm] = train_run(seed, nz, epochs, factory, progress=bar, desc=f"{arm} ({nz:.0%} random labels)")
+        runs[arm] = _train_arm(cfg, out / f"{arm}.jsonl", nz, detector, bar, f"{arm} ({nz:.0%} random labels)")
     bar.close()
-    names = detector.names
-    summary = {
-        "config": {
-            "epochs": epochs,
-            "steps_per_epoch": steps_per_epoch,
-            "every": every,
-            "K": 8,
-            "warmup": warmup,
-            "noise": noise,
-            "seed": seed,
-            "layers": names,
-            "detector": {
-                "k": detector.k,
-                "h": detector.h,
-                "direction": detector.direction,
-                "threshold": detector.threshold_source,
-                "mu0": dict(zip(names, detector.mu0.tolist())),
-                "sigma_proc": dict(zip(names, np.sqrt(detector.sigma_proc2).tolist())),
-                "rho": dict(zip(names, detector.rho.tolist())),
-            },
-        },
-        "runs": {},
-    }
+    summary = {"config": _config_summary(cfg, detector), "runs": {}}
     for arm, res in runs.items():
-        alarms = res.alarms
-        first = alarms[0] if alarms else None
-        onset = None
-        if arm == "noisy":  # sustained: from here on >= 10 % of the mislabeled examples memorised
-            for r in reversed(res.records):
-                if r["memorised"] < 0.1:
-                    break
-                onset = r["step"]
-        per_layer = {}
-        for b in names:
-            x, _, _ = _series(res.records, b)
-            la = [a for a in alarms if a["block"] == b]
-            per_layer[b] = {
-                "start": x[0],
-                "max": max(x),
-                "end": x[-1],
-                "alarms": len(la),
-                "first_alarm_step": la[0]["step"] if la else None,
-            }
-        summary["runs"][arm] = {
-            "noise": res.noise,
-            "steps": res.steps,
-            "seconds": round(res.seconds, 2),
-            "final": res.final,
-            "alarms": len(alarms),
-            "first_alarm": first,
-            "memorisation_onset_step": onset,
-            "memorised_at_first_alarm": None
-            if first is None
-            else next(r["memorised"] for r in res.records if r["step"] == first["step"]),
-            "layers": per_layer,
-        }
+        summary["runs"][arm] = _arm_summary(arm, res, detector.names)
         plot_monitor(
             res.records,
             out / f"{arm}.png",
             title=f"digits MLP, {res.noise:.0%} random labels (seed {seed}): per-layer Hessian traces",
         )
-    _plot_comparison(runs, out / "comparison.png", warmup, summary)
+    _plot_comparison(runs, out / "comparison.png", cfg.warmup, summary)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     md = _summary_md(summary)
@@ -347,6 +271,100 @@ def _run_demo(out, quick, seed, noise, progress, stream) -> dict:
     stream.write(md + f"\nReport written to {out.resolve()}\n")
     stream.flush()
     return summary
+
+
+@dataclass(frozen=True)
+class _DemoConfig:
+    """The demo's schedule: epochs, how often the monitor measures, the detector's warm-up."""
+
+    epochs: int
+    every: int
+    warmup: int
+    noise: float
+    seed: int
+    steps_per_epoch: int = 1200 // 64
+    n_layers: int = 3
+    K: int = 8
+
+    @classmethod
+    def make(cls, quick: bool, seed: int, noise: float) -> _DemoConfig:
+        return cls(epochs=40 if quick else 300, every=10 if quick else 25, warmup=12 if quick else 16,
+                   noise=noise, seed=seed)
+
+    @property
+    def n_meas(self) -> int:
+        return -(-self.epochs * self.steps_per_epoch // self.every)
+
+
+def _train_arm(cfg: _DemoConfig, log: Path, noise: float, detector, bar, desc: str):
+    """Train one arm with a Monitor writing ``log`` (a fresh file)."""
+    if log.exists():
+        log.unlink()
+
+    def factory(model, crit):
+        return Monitor(model, crit, every=cfg.every, K=cfg.K, blocks="module", overhead=None,
+                       detector=detector, sinks=[JSONLSink(log, fsync=False)], seed=cfg.seed)
+
+    return train_run(cfg.seed, noise, cfg.epochs, factory, progress=bar, desc=desc)
+
+
+def _config_summary(cfg: _DemoConfig, detector) -> dict:
+    names = detector.names
+    return {
+        "epochs": cfg.epochs,
+        "steps_per_epoch": cfg.steps_per_epoch,
+        "every": cfg.every,
+        "K": cfg.K,
+        "warmup": cfg.warmup,
+        "noise": cfg.noise,
+        "seed": cfg.seed,
+        "layers": names,
+        "detector": {
+            "k": detector.k,
+            "h": detector.h,
+            "direction": detector.direction,
+            "threshold": detector.threshold_source,
+            "mu0": dict(zip(names, detector.mu0.tolist())),
+            "sigma_proc": dict(zip(names, np.sqrt(detector.sigma_proc2).tolist())),
+            "rho": dict(zip(names, detector.rho.tolist())),
+        },
+    }
+
+
+def _arm_summary(arm: str, res, names) -> dict:
+    """One arm's alarms, per-layer trace range and (noisy arm) the onset of memorisation."""
+    alarms = res.alarms
+    first = alarms[0] if alarms else None
+    onset = None
+    if arm == "noisy":  # sustained: from here on >= 10 % of the mislabeled examples memorised
+        for r in reversed(res.records):
+            if r["memorised"] < 0.1:
+                break
+            onset = r["step"]
+    per_layer = {}
+    for b in names:
+        x, _, _ = _series(res.records, b)
+        la = [a for a in alarms if a["block"] == b]
+        per_layer[b] = {
+            "start": x[0],
+            "max": max(x),
+            "end": x[-1],
+            "alarms": len(la),
+            "first_alarm_step": la[0]["step"] if la else None,
+        }
+    return {
+        "noise": res.noise,
+        "steps": res.steps,
+        "seconds": round(res.seconds, 2),
+        "final": res.final,
+        "alarms": len(alarms),
+        "first_alarm": first,
+        "memorisation_onset_step": onset,
+        "memorised_at_first_alarm": None
+        if first is None
+        else next(r["memorised"] for r in res.records if r["step"] == first["step"]),
+        "layers": per_layer,
+    }
 
 
 def _plot_comparison(runs: dict, path: Path, warmup: int, summary: dict) -> None:

@@ -400,23 +400,13 @@ def block_coupling(
     rows = _rows_per_call(layout, probe_batch, max_memory)
     n_rows = K * L if mode == "block" else K
     prog = Progress(n_rows, f"block_coupling[{mode}]", progress)
-    nan_LL = torch.full((L, L), math.nan, dtype=torch.float64)
     with PreservedState(inner):
         op = CurvatureProducts(inner, layout, spec, (curvature,), hvp=hvp, max_rows=rows)
         try:
             if mode == "block":
                 raw = _block_mode(op, layout, K, seed, probe, rows, prog, curvature)
             else:
-                energy = torch.zeros((K, L), dtype=torch.float64)
-                gram = torch.zeros((L, K, K), dtype=torch.float64, device=layout.device())
-                for s in range(0, K, rows):
-                    ks = list(range(s, min(K, s + rows)))
-                    z = probe_rows(layout, seed, probe, ks)
-                    w = op.apply(z)[curvature]
-                    energy[ks[0] : ks[-1] + 1] = _block_sq(w, layout)
-                    if K >= 2:
-                        add_gram_(gram, layout, w, ks, seed, probe, chunk=rows)
-                    prog.update(len(ks))
+                energy, gram = _global_mode(op, layout, K, seed, probe, rows, prog, curvature)
         finally:
             op.close()
             prog.close()
@@ -427,52 +417,82 @@ def block_coupling(
             "device": str(layout.device()), "dtype": str(layout.tensors[0].dtype)}
 
     if mode == "block":
-        samples = 0.5 * (raw + raw.transpose(1, 2))
-        F, F_se = _mean_se(samples)
-        rho_s = samples.sum(2)
-        X_s = rho_s - torch.diagonal(samples, dim1=1, dim2=2)
-        rho, rho_se = _mean_se(rho_s)
-        X = X_s.mean(0)
-        R = resonance(F)
-        C = X / rho
-        d = torch.diagonal(F)
-        dk = torch.diagonal(samples, dim1=1, dim2=2)
-        # delta method on per-probe linearisations of log R and log C
-        lin_R = 0.5 * samples / F - 0.25 * (dk / d)[:, :, None] - 0.25 * (dk / d)[:, None, :]
-        R_se = R * _sd(lin_R) / math.sqrt(K)
-        lin_C = X_s / X - rho_s / rho
-        C_se = C * _sd(lin_C) / math.sqrt(K)
+        est = _block_estimates(raw, K)
     else:
-        samples = energy
-        rho, rho_se = _mean_se(energy)
-        if K >= 2:
-            u = ustat_from_gram(gram.cpu())
-            S, S_se, loo = u.estimate, u.se, u.loo
-        else:
-            S, S_se, loo = nan_LL.clone(), nan_LL.clone(), None
-        d = torch.diagonal(S)
-        C = 1 - d / rho
-        if loo is not None:
-            rho_loo = (rho[:, None] * K - energy.T) / (K - 1)  # (L, K)
-            d_loo = torch.diagonal(loo, dim1=0, dim2=1).T  # (L, K)
-            C_se = _jackknife_se(1 - d_loo / rho_loo)
-        else:
-            C_se = torch.full_like(C, math.nan)
-        if mode == "ustat":
-            F, F_se = S, S_se
-            R = resonance(F)
-            R_se = _jackknife_se(torch.stack([resonance(loo[:, :, i]) for i in range(K)], -1)) \
-                if loo is not None else nan_LL.clone()
-        else:  # rowsum: only the diagonal of F
-            eye = torch.eye(L, dtype=torch.bool)
-            F = torch.where(eye, S, nan_LL)
-            F_se = torch.where(eye, S_se, nan_LL)
-            R = torch.where(eye, torch.ones_like(F), nan_LL)
-            R_se = torch.where(eye, torch.zeros_like(F), nan_LL)
-        X = rho - d
+        est = _global_estimates(energy, gram, K, L, mode)
     meta["wall_time_s"] = time.perf_counter() - t0
-    return Coupling(names=layout.block_names, F=F, F_se=F_se, R=R, R_se=R_se, C=C, C_se=C_se, rho=rho,
-                    rho_se=rho_se, X=X, samples=samples, mode=mode, curvature=curvature, meta=meta)
+    return Coupling(names=layout.block_names, **est, mode=mode, curvature=curvature, meta=meta)
+
+
+def _global_mode(op, layout, K, seed, probe, rows, prog, curvature):
+    """Global probes: per-probe block row energies ``||(M z)_b||^2`` ``(K, L)`` and, for
+    ``K >= 2``, the per-block Gram matrices of the products for the U-statistic."""
+    L = layout.num_blocks
+    energy = torch.zeros((K, L), dtype=torch.float64)
+    gram = torch.zeros((L, K, K), dtype=torch.float64, device=layout.device())
+    for s in range(0, K, rows):
+        ks = list(range(s, min(K, s + rows)))
+        z = probe_rows(layout, seed, probe, ks)
+        w = op.apply(z)[curvature]
+        energy[ks[0] : ks[-1] + 1] = _block_sq(w, layout)
+        if K >= 2:
+            add_gram_(gram, layout, w, ks, seed, probe, chunk=rows)
+        prog.update(len(ks))
+    return energy, gram
+
+
+def _block_estimates(raw: torch.Tensor, K: int) -> dict:
+    """``mode="block"``: F, R, C and their SEs from the ``(K, L, L)`` block-probe samples."""
+    samples = 0.5 * (raw + raw.transpose(1, 2))
+    F, F_se = _mean_se(samples)
+    rho_s = samples.sum(2)
+    X_s = rho_s - torch.diagonal(samples, dim1=1, dim2=2)
+    rho, rho_se = _mean_se(rho_s)
+    X = X_s.mean(0)
+    R = resonance(F)
+    C = X / rho
+    d = torch.diagonal(F)
+    dk = torch.diagonal(samples, dim1=1, dim2=2)
+    # delta method on per-probe linearisations of log R and log C
+    lin_R = 0.5 * samples / F - 0.25 * (dk / d)[:, :, None] - 0.25 * (dk / d)[:, None, :]
+    R_se = R * _sd(lin_R) / math.sqrt(K)
+    lin_C = X_s / X - rho_s / rho
+    C_se = C * _sd(lin_C) / math.sqrt(K)
+    return dict(F=F, F_se=F_se, R=R, R_se=R_se, C=C, C_se=C_se, rho=rho, rho_se=rho_se, X=X, samples=samples)
+
+
+def _global_estimates(energy: torch.Tensor, gram: torch.Tensor, K: int, L: int, mode: str) -> dict:
+    """``mode="rowsum"``/``"ustat"``: the diagonal (rowsum) or all of F (ustat), C and the SEs
+    (jackknife over probes) from the row energies and the Gram matrices."""
+    nan_LL = torch.full((L, L), math.nan, dtype=torch.float64)
+    samples = energy
+    rho, rho_se = _mean_se(energy)
+    if K >= 2:
+        u = ustat_from_gram(gram.cpu())
+        S, S_se, loo = u.estimate, u.se, u.loo
+    else:
+        S, S_se, loo = nan_LL.clone(), nan_LL.clone(), None
+    d = torch.diagonal(S)
+    C = 1 - d / rho
+    if loo is not None:
+        rho_loo = (rho[:, None] * K - energy.T) / (K - 1)  # (L, K)
+        d_loo = torch.diagonal(loo, dim1=0, dim2=1).T  # (L, K)
+        C_se = _jackknife_se(1 - d_loo / rho_loo)
+    else:
+        C_se = torch.full_like(C, math.nan)
+    if mode == "ustat":
+        F, F_se = S, S_se
+        R = resonance(F)
+        R_se = _jackknife_se(torch.stack([resonance(loo[:, :, i]) for i in range(K)], -1)) \
+            if loo is not None else nan_LL.clone()
+    else:  # rowsum: only the diagonal of F
+        eye = torch.eye(L, dtype=torch.bool)
+        F = torch.where(eye, S, nan_LL)
+        F_se = torch.where(eye, S_se, nan_LL)
+        R = torch.where(eye, torch.ones_like(F), nan_LL)
+        R_se = torch.where(eye, torch.zeros_like(F), nan_LL)
+    X = rho - d
+    return dict(F=F, F_se=F_se, R=R, R_se=R_se, C=C, C_se=C_se, rho=rho, rho_se=rho_se, X=X, samples=samples)
 
 
 def _sd(x: torch.Tensor) -> torch.Tensor:
