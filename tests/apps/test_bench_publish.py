@@ -4,13 +4,27 @@ staged files reach bench/results when the load stayed at or below the core count
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
 
-import run_cpu_suite as rcs  # noqa: E402
+
+def _load_run_cpu_suite():
+    """bench/run_cpu_suite.py, without leaving bench/ on sys.path: its modules (foreign_models,
+    models) would shadow the test helpers of the same names for the rest of the session."""
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_run_cpu_suite", ROOT / "bench" / "run_cpu_suite.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path[:] = saved
+
+
+rcs = _load_run_cpu_suite()
 
 
 def staged(tmp_path: Path) -> tuple[Path, Path]:
