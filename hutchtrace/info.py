@@ -7,7 +7,6 @@ why the compiled extension is unavailable when it is, and how it was built.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 __all__ = ["CUDA_VERIFICATION", "info_dict", "main"]
@@ -84,7 +83,7 @@ def info_dict() -> dict:
     images = loader.cuda_images() if cuda_compiled else None
     return {
         "hutchtrace": _version(),
-        "package": os.path.dirname(os.path.dirname(os.path.abspath(loader.__file__))),
+        "package": loader.PACKAGE_DIR,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

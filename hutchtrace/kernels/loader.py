@@ -25,6 +25,9 @@ import warnings
 
 from . import cuda_arch
 
+#: the hutchtrace package directory, where setup.py puts _C and _build_info.json
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 HAS_EXT: bool = False
 DISABLED: bool = os.environ.get("HUTCHTRACE_DISABLE_EXT", "0") not in ("", "0", "false", "False")
 LOAD_ERROR: str | None = None
@@ -158,8 +161,7 @@ def cuda_compiled() -> bool:
 
 def build_info() -> dict | None:
     """The build configuration recorded by setup.py next to the compiled module, if any."""
-    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # next to hutchtrace/_C
-    path = os.path.join(package_dir, "_build_info.json")
+    path = os.path.join(PACKAGE_DIR, "_build_info.json")
     try:
         with open(path) as f:
             return json.load(f)
